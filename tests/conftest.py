@@ -1,0 +1,55 @@
+"""Shared test set-up: no network, an empty Hugging Face cache, tiny CLIP checkpoints."""
+
+import os
+import tempfile
+
+# Before anything imports huggingface_hub: tests never touch the network or the user's cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="vt-test-hf-home-")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+PHOTOS = sorted(DATA.glob("*.jpg"))
+
+# A tiny CLIP vision config: hidden 32, 3 blocks, 4 heads, 28 px with 14 px patches (4 + 1 tokens).
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=14)
+
+
+def tiny_vision_config(**over):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**{**TINY, **over})
+
+
+def tiny_clip_vision_model(seed: int = 0, **over):
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(seed)
+    return CLIPVisionModel(tiny_vision_config(**over)).eval()
+
+
+def tiny_clip_model(seed: int = 0):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=99)
+    return CLIPModel(CLIPConfig(vision_config=tiny_vision_config().to_dict(), text_config=text)).eval()
+
+
+@pytest.fixture
+def clip_vision_dir(tmp_path):
+    """A `CLIPVisionModel.save_pretrained` directory and the model that wrote it."""
+    model = tiny_clip_vision_model()
+    model.save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+@pytest.fixture
+def pixels():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 3, 28, 28, generator=g)

@@ -1,0 +1,101 @@
+"""The LLaVA drop-in against LLaVA's own CLIPVisionTower logic on the same weights."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PHOTOS
+from vision_tower import CheckpointError, ImageProcessor
+from vision_tower.llava import CLIPVisionTower, build_vision_tower
+from vision_tower.preprocess import expand2square
+
+
+def llava_reference(model, images, select_layer, select_feature):
+    """LLaVA's CLIPVisionTower.forward + feature_select, verbatim in effect."""
+    with torch.no_grad():
+        hs = model(images, output_hidden_states=True).hidden_states[select_layer]
+    return hs[:, 1:] if select_feature == "patch" else hs
+
+
+def args(**kw):
+    return SimpleNamespace(**{"mm_vision_select_layer": -2, **kw})
+
+
+@pytest.mark.parametrize("feature", ["patch", "cls_patch"])
+def test_forward_matches_llava(clip_vision_dir, pixels, feature):
+    path, model = clip_vision_dir
+    tower = CLIPVisionTower(str(path), args(mm_vision_select_feature=feature))
+    assert tower.is_loaded
+    out = tower(pixels)
+    torch.testing.assert_close(out, llava_reference(model, pixels, -2, feature), atol=1e-5, rtol=0)
+    assert out.shape == (2, 4 + (feature == "cls_patch"), 32) and tower.num_tokens == out.shape[1]
+
+
+def test_default_feature_is_patch_and_list_input_returns_a_list(clip_vision_dir, pixels):
+    path, model = clip_vision_dir
+    tower = CLIPVisionTower(str(path), args())
+    assert tower.select_feature == "patch"
+    outs = tower([pixels[0], pixels[1]])
+    assert isinstance(outs, list) and [o.shape for o in outs] == [(1, 4, 32)] * 2
+    ref = llava_reference(model, pixels, -2, "patch")
+    torch.testing.assert_close(torch.cat(outs), ref, atol=1e-5, rtol=0)
+
+
+def test_properties_and_dtype_round_trip(clip_vision_dir, pixels):
+    path, _ = clip_vision_dir
+    tower = CLIPVisionTower(str(path), args(mm_vision_select_layer=-1))
+    assert (tower.hidden_size, tower.image_size, tower.patch_size) == (32, 28, 14)
+    assert (tower.num_patches, tower.num_patches_per_side) == (4, 2)
+    assert tower.config.hidden_size == 32 and tower.config.model_type == "clip_vision_model"
+    assert tower.dummy_feature.shape == (1, 32)
+    tower.to(dtype=torch.bfloat16)  # what LLaVA's train.py does
+    assert tower.dtype == torch.bfloat16
+    assert tower(pixels).dtype == torch.float32  # features come back in the input's dtype, as in LLaVA
+    assert not any(p.requires_grad for p in tower.parameters())
+
+
+def test_delay_load_reads_only_the_config_then_loads(clip_vision_dir, pixels):
+    path, _ = clip_vision_dir
+    tower = CLIPVisionTower(str(path), args(), delay_load=True)
+    assert not tower.is_loaded and tower.hidden_size == 32 and tower.num_patches == 4
+    tower.load_model()
+    assert tower.is_loaded and tower(pixels).shape == (2, 4, 32)
+    tower.load_model()  # a second call is a logged no-op, as in LLaVA
+    assert tower.is_loaded
+    eager = CLIPVisionTower(str(path), args(unfreeze_mm_vision_tower=True), delay_load=True)
+    assert eager.is_loaded
+
+
+def test_build_vision_tower_reads_llava_config_fields(clip_vision_dir):
+    path, _ = clip_vision_dir
+    assert build_vision_tower(args(mm_vision_tower=str(path))).is_loaded
+    assert build_vision_tower(args(vision_tower=str(path)), delay_load=True).hidden_size == 32
+    with pytest.raises(ValueError, match="names no vision tower"):
+        build_vision_tower(args())
+
+
+def test_a_siglip_directory_is_not_built_as_clip(tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, image_size=28, patch_size=14)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="'siglip_vision_model' checkpoint"):
+        build_vision_tower(args(mm_vision_tower=str(tmp_path)))
+
+
+def test_llava_training_data_path_runs_unchanged(clip_vision_dir):
+    """The calls LLaVA's train.py makes on `vision_tower.image_processor`, image_aspect_ratio='pad'."""
+    path, model = clip_vision_dir
+    tower = CLIPVisionTower(str(path), args(mm_vision_select_feature="patch"))
+    processor = tower.image_processor
+    assert isinstance(processor, ImageProcessor)
+    image = Image.open(PHOTOS[1]).convert("RGB")
+    image = expand2square(image, tuple(int(x * 255) for x in processor.image_mean))
+    pixel = processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+    crop = processor.crop_size
+    assert pixel.shape == (3, crop["height"], crop["width"]) == (3, 28, 28)
+    images = torch.stack([pixel, torch.zeros(3, crop["height"], crop["width"])])
+    feats = tower(images)
+    torch.testing.assert_close(feats, llava_reference(model, images, -2, "patch"), atol=1e-5, rtol=0)

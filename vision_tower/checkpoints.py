@@ -1,0 +1,298 @@
+"""Find a checkpoint (local directory or Hugging Face Hub id) and turn it into tower weights.
+
+Only the vision weights are read: for a full `CLIPModel` the text tower is never loaded.
+Safetensors is read lazily per tensor; `.bin` files go through `torch.load(weights_only=True)`
+so no pickled code is ever run. Conversion into `VisionTransformer`'s names is strict: any
+missing, unexpected or wrongly shaped tensor is an error that lists them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .preprocess import PreprocessConfig
+from .vit import ViTConfig
+
+
+class WeightsUnavailableError(OSError):
+    """The weights could not be found locally or fetched; the message says how to proceed."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's contents do not fit the tower (keys, shapes, config)."""
+
+
+# transformers `model_type` -> our family. The family is read from the checkpoint, never the name.
+MODEL_TYPE_FAMILY = {"clip": "clip", "clip_vision_model": "clip"}
+
+def family_of(config: dict[str, Any], source: str) -> str:
+    """The tower family of a transformers config, from its `model_type`."""
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPE_FAMILY:
+        raise CheckpointError(
+            f"{source!r} is a {model_type or 'unknown'!r} checkpoint; supported model types: "
+            f"{', '.join(sorted(MODEL_TYPE_FAMILY))}"
+        )
+    return MODEL_TYPE_FAMILY[model_type]
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint located on disk: its folder, the files that hold weights, and its configs."""
+
+    source: str  # what the user passed (hub id or path)
+    directory: Path
+    weight_files: tuple[Path, ...]
+    config: dict[str, Any]
+    preprocessor_config: dict[str, Any] | None
+
+
+def offline_help(name: str, reason: str) -> str:
+    return (
+        f"Could not load the weights of {name!r}: {reason}\n"
+        "This machine cannot reach the Hugging Face Hub (or HF_HUB_OFFLINE=1 is set) and the model is not in the "
+        "local cache. To proceed, either:\n"
+        f"  - download it where there is network (`hf download {name}`) and pass the local directory instead, or\n"
+        "  - copy a Hugging Face cache that holds it to this machine and set HF_HOME and HF_HUB_OFFLINE=1, or\n"
+        "  - for a dry run with random weights of the same architecture, use `VisionTower.from_config(NAME)` "
+        "(`--random-init NAME` on the command line)."
+    )
+
+
+def locate(name_or_path: str, revision: str | None = None) -> Checkpoint:
+    """A local directory, or a Hub repo id fetched (or found in the cache) with huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _from_directory(name_or_path, path)
+    if path.exists():
+        raise CheckpointError(f"{name_or_path!r} is a file; pass the directory written by save_pretrained")
+    return _from_hub(name_or_path, revision)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def _from_directory(source: str, d: Path) -> Checkpoint:
+    config = _read_json(d / "config.json")
+    if config is None:
+        raise CheckpointError(f"{d} has no config.json; expected a directory written by transformers' save_pretrained")
+    for name in _WEIGHT_FILES:
+        if (d / name).is_file():
+            files = _shard_files(d / name) if name.endswith(".index.json") else (d / name,)
+            return Checkpoint(source, d, files, config, _read_json(d / "preprocessor_config.json"))
+    raise CheckpointError(f"{d} holds no weights: looked for {', '.join(_WEIGHT_FILES)}")
+
+
+def _shard_files(index: Path) -> tuple[Path, ...]:
+    weight_map = (_read_json(index) or {}).get("weight_map")
+    if not weight_map:
+        raise CheckpointError(f"{index} has no weight_map")
+    files = tuple(index.parent / f for f in dict.fromkeys(weight_map.values()))
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shards that are not there: {missing}")
+    return files
+
+
+def _hub_fetch(repo_id: str, filename: str, revision: str | None) -> Path | None:
+    """A file of a Hub repo from the cache or the network; None when the repo has no such file
+    or it can be had from neither (offline). Other failures raise with the repo's name."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except EntryNotFoundError:  # includes LocalEntryNotFoundError: offline (or unreachable) and not cached
+        return None
+    except HFValidationError as e:
+        raise CheckpointError(
+            f"{repo_id!r} is neither a local directory, a registry name (see `vision-tower towers`) nor a valid Hub id"
+        ) from e
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise WeightsUnavailableError(f"{repo_id!r} (revision {revision or 'main'}) was not found on the Hub: {e}") from e
+    except OSError as e:  # network errors that huggingface_hub did not wrap
+        raise WeightsUnavailableError(offline_help(repo_id, str(e).splitlines()[0])) from e
+
+
+def fetch_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+    """Only the `config.json` of a local directory or Hub repo (no weights are fetched)."""
+    path = Path(name_or_path).expanduser()
+    found = path / "config.json" if path.is_dir() else _hub_fetch(name_or_path, "config.json", revision)
+    config = _read_json(found) if found else None
+    if config is None:
+        if path.is_dir():
+            raise CheckpointError(f"{path} has no config.json; expected a directory written by transformers' save_pretrained")
+        raise WeightsUnavailableError(offline_help(name_or_path, "config.json is neither cached nor downloadable"))
+    return config
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
+    config = fetch_config(repo_id, revision)
+    for name in _WEIGHT_FILES:
+        found = _hub_fetch(repo_id, name, revision)
+        if found is None:
+            continue
+        if name.endswith(".index.json"):
+            shards = dict.fromkeys((_read_json(found) or {}).get("weight_map", {}).values())
+            paths = [_hub_fetch(repo_id, s, revision) for s in shards]
+            if any(p is None for p in paths):
+                raise WeightsUnavailableError(offline_help(repo_id, f"some shards of {name} are neither cached nor downloadable"))
+            files = tuple(p for p in paths if p is not None)
+        else:
+            files = (found,)
+        preproc_path = _hub_fetch(repo_id, "preprocessor_config.json", revision)
+        return Checkpoint(repo_id, found.parent, files, config, _read_json(preproc_path) if preproc_path else None)
+    raise WeightsUnavailableError(offline_help(repo_id, f"none of {', '.join(_WEIGHT_FILES)} is cached or downloadable"))
+
+
+def read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors whose names pass `keep`, cast to `dtype` one at a time (no full-model copy)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    if keep(k):
+                        out[k] = _cast(sf.get_tensor(k), dtype)
+        else:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+            for k, v in sd.items():
+                if keep(k):
+                    out[k] = _cast(v, dtype)
+            del sd
+    return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers CLIP
+# ---------------------------------------------------------------------------------------------
+
+def clip_arch_from_config(config: dict[str, Any]) -> ViTConfig:
+    """A ViTConfig from a transformers CLIP `config.json` (CLIPModel or CLIPVisionModel)."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    model_type = config.get("model_type")
+    if model_type == "clip":
+        vc = CLIPConfig.from_dict(config).vision_config  # fills transformers' defaults for absent keys
+    elif model_type == "clip_vision_model":
+        vc = CLIPVisionConfig.from_dict(config)
+    else:
+        raise CheckpointError(f"expected a CLIP config (model_type 'clip' or 'clip_vision_model'); got {model_type!r}")
+    acts = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+    act = acts.get(vc.hidden_act)
+    if act is None:
+        raise CheckpointError(f"CLIP hidden_act {vc.hidden_act!r} is not supported")
+    return ViTConfig(
+        image_size=vc.image_size, patch_size=vc.patch_size, width=vc.hidden_size, depth=vc.num_hidden_layers,
+        heads=vc.num_attention_heads, mlp_dim=vc.intermediate_size, act=act, norm_eps=vc.layer_norm_eps,
+        class_token=True, pre_norm=True, patch_bias=False, in_channels=vc.num_channels,
+    )
+
+
+def is_clip_vision_key(key: str) -> bool:
+    """Keys of the vision tower in a CLIPModel (`vision_model.*`) or a CLIPVisionModel (bare or prefixed)."""
+    if key.startswith("vision_model."):
+        return True
+    return key.split(".", 1)[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
+
+
+# Tensors a CLIP vision checkpoint holds that the tower deliberately does not use.
+_CLIP_UNUSED = ("post_layernorm.weight", "post_layernorm.bias", "embeddings.position_ids")
+
+
+def convert_hf_clip(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """transformers CLIP vision names -> VisionTransformer names (q, k, v fused into qkv)."""
+    sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
+    out: dict[str, torch.Tensor] = {}
+    renames = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.patch_embedding.weight": "patch_embed.weight",
+        "embeddings.position_embedding.weight": "pos_embed",
+        "pre_layrnorm.weight": "norm_pre.weight",
+        "pre_layrnorm.bias": "norm_pre.bias",
+    }
+    used = set(_CLIP_UNUSED)
+    for src, dst in renames.items():
+        if src in sd:
+            out[dst] = sd[src]
+            used.add(src)
+    for i in range(depth):
+        p = f"encoder.layers.{i}."
+        for src, dst in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
+                         ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            for t in ("weight", "bias"):
+                if p + f"{src}.{t}" in sd:
+                    out[f"blocks.{i}.{dst}.{t}"] = sd[p + f"{src}.{t}"]
+                    used.add(p + f"{src}.{t}")
+        for t in ("weight", "bias"):
+            qkv = [p + f"self_attn.{n}_proj.{t}" for n in "qkv"]
+            if all(k in sd for k in qkv):
+                out[f"blocks.{i}.attn.qkv.{t}"] = torch.cat([sd[k] for k in qkv], dim=0)
+                used.update(qkv)
+    unexpected = sorted(set(sd) - used)
+    if unexpected:
+        raise CheckpointError(f"unexpected tensors in the CLIP vision checkpoint (depth {depth}): {_short(unexpected)}")
+    return out
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly assign `sd` to `model`: missing, unexpected and mis-shaped tensors are listed."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing: {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected: {_short(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shape: {_short(shapes)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source!r} does not fit the tower; " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def _short(items: list[str], n: int = 20) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def preprocess_from_checkpoint(ckpt: Checkpoint, arch: ViTConfig, fallback: PreprocessConfig) -> PreprocessConfig:
+    """The checkpoint's own preprocessor config when it has one, else `fallback` at the model's size."""
+    if ckpt.preprocessor_config:
+        cfg = PreprocessConfig.from_hf(ckpt.preprocessor_config, default_mode=fallback.default_mode)
+        if cfg.image_size != arch.image_size:
+            raise CheckpointError(
+                f"{ckpt.source}: preprocessor crop {cfg.image_size} does not match the model's image_size {arch.image_size}"
+            )
+        return cfg
+    if fallback.image_size == arch.image_size:
+        return fallback
+    return PreprocessConfig(image_size=arch.image_size, mean=fallback.mean, std=fallback.std,
+                            interpolation=fallback.interpolation, default_mode=fallback.default_mode)

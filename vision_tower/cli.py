@@ -1,0 +1,97 @@
+"""The `vision-tower` command line. Subcommands: `towers`, `features`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .checkpoints import CheckpointError, WeightsUnavailableError
+from .preprocess import MODES, ImageLoadError
+from .registry import DEFAULT_TOWER, REGISTRY
+
+
+def cmd_towers(args: argparse.Namespace) -> int:
+    rows = [("name", "family", "image", "patch", "width", "depth", "tokens", "hub id")]
+    for s in REGISTRY.values():
+        rows.append((s.name, s.family, str(s.image_size), str(s.patch_size), str(s.width), str(s.depth),
+                     str(s.arch.num_tokens), s.hub_id))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    """Features of a few images: a smoke test of a checkpoint, optionally saved to safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from .tower import VisionTower
+
+    layer = args.layer[0] if len(args.layer) == 1 else args.layer
+    kw = dict(select_layer=layer, select_feature=args.feature, dtype=args.dtype, device=args.device)
+    tower = VisionTower.from_config(args.random_init, **kw) if args.random_init else VisionTower.from_pretrained(args.model, **kw)
+    out: dict[str, torch.Tensor] = {}
+    failed: dict[str, str] = {}
+    start = time.perf_counter()
+    for path in tqdm(args.images, desc="features", unit="img", disable=args.quiet):
+        try:
+            pixels = tower.preprocess([path], mode=args.preprocess)
+        except ImageLoadError as e:
+            failed[path] = str(e)
+            continue
+        with torch.inference_mode():
+            feats = tower(pixels)[0]  # (T, C)
+        out[path] = feats.float().cpu()
+        print(f"{path}\t{tuple(feats.shape)}\tmean={feats.float().mean():.4f}\tstd={feats.float().std():.4f}")
+    for reason in failed.values():
+        print(f"failed: {reason}", file=sys.stderr)
+    if args.out and out:
+        save_file({k: v.contiguous() for k, v in out.items()}, str(args.out),
+                  metadata={"tower": tower.name, "layer": str(layer), "feature": args.feature})
+    elapsed = time.perf_counter() - start
+    print(f"done: {len(out)} images, {len(failed)} failed, {elapsed:.1f} s ({len(out) / max(elapsed, 1e-9):.2f} img/s), "
+          f"tower {tower.name}, layer {layer}, feature {args.feature}"
+          + (f", saved to {args.out}" if args.out and out else ""))
+    return 1 if failed and not out else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vision-tower", description="Vision towers for LLaVA- and OpenVLA-style models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("towers", help="list the registered towers")
+    t.set_defaults(func=cmd_towers)
+
+    f = sub.add_parser("features", help="compute tower features of a few images")
+    f.add_argument("images", nargs="+", help="image files")
+    src = f.add_mutually_exclusive_group()
+    src.add_argument("--model", default=DEFAULT_TOWER, help="registry name, Hub id or local directory")
+    src.add_argument("--random-init", metavar="NAME", help="random weights of registry tower NAME (dry run, no download)")
+    f.add_argument("--layer", type=int, nargs="+", default=[-2],
+                   help="hidden-state index (default -2); several are concatenated on the channel axis")
+    f.add_argument("--feature", choices=("cls_patch", "patch", "cls"), default="cls_patch")
+    f.add_argument("--preprocess", choices=MODES, default=None, help="default: the checkpoint's own (crop for CLIP)")
+    f.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--out", type=Path, help="write the features to this .safetensors file (one tensor per image)")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_features)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (WeightsUnavailableError, CheckpointError, ImageLoadError, ValueError) as e:
+        print(f"vision-tower: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Image preprocessing that travels with each checkpoint.
+
+Decoding and geometry run in PIL with the same arithmetic as transformers' PIL image processor
+(`CLIPImageProcessorPil`, the path LLaVA was trained with), so a tower sees the pixels its
+checkpoint expects. Three modes:
+
+- ``crop``: shortest edge to `resize_size`, bicubic, center crop to `image_size` (CLIP default).
+- ``pad``: LLaVA-1.5's `expand2square` with background `int(mean * 255)`, then ``crop``.
+- ``squash``: resize straight to the square, aspect ratio not kept (Prismatic ``resize-naive``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Mode = Literal["crop", "pad", "squash"]
+MODES: tuple[str, ...] = ("crop", "pad", "squash")
+ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
+_SINGLE_INPUTS = (Image.Image, str, os.PathLike, np.ndarray, torch.Tensor)
+
+# PIL resampling codes as stored in a transformers `preprocessor_config.json` (`resample`).
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+
+
+class ImageLoadError(ValueError):
+    """An input could not be read as an image; the message names the input."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int  # side of the square the tower takes
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_size: int | None = None  # shortest edge before the crop; None = image_size
+    interpolation: str = "bicubic"
+    default_mode: Mode = "crop"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE)}")
+        if self.default_mode not in MODES:
+            raise ValueError(f"default_mode {self.default_mode!r} is not one of {MODES}")
+
+    @property
+    def shortest_edge(self) -> int:
+        return self.resize_size or self.image_size
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], default_mode: Mode = "crop") -> "PreprocessConfig":
+        """Read a transformers `preprocessor_config.json` (CLIP-style `size` / `crop_size`)."""
+
+        def side(v: Any, key: str) -> int:
+            if isinstance(v, int):
+                return v
+            if isinstance(v, dict) and "shortest_edge" in v:
+                return int(v["shortest_edge"])
+            if isinstance(v, dict) and "height" in v and "width" in v:
+                if v["height"] != v["width"]:
+                    raise ValueError(f"preprocessor_config.json: non-square {key} {v} is not supported")
+                return int(v["height"])
+            raise ValueError(f"preprocessor_config.json: cannot read {key}={v!r}")
+
+        size = side(d["size"], "size") if "size" in d else None
+        crop = side(d["crop_size"], "crop_size") if d.get("do_center_crop", True) and "crop_size" in d else None
+        if size is None and crop is None:
+            raise ValueError("preprocessor_config.json has neither `size` nor `crop_size`")
+        return cls(
+            image_size=crop or size,
+            resize_size=size,
+            mean=tuple(float(x) for x in d.get("image_mean", CLIP_MEAN)),
+            std=tuple(float(x) for x in d.get("image_std", CLIP_STD)),
+            interpolation=_RESAMPLE_NAMES.get(int(d.get("resample", 3)), "bicubic"),
+            default_mode=default_mode,
+        )
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Any supported input -> an RGB PIL image, EXIF orientation applied.
+
+    Accepts a path, a PIL image of any mode, or a uint8 array / tensor (HW, HWC with C in
+    {1, 3, 4}, or a CHW tensor). Transparency is composited onto white (as transformers does);
+    16-bit images are scaled to 8 bits. Raises `ImageLoadError` naming the input.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                im.load()  # decode now, so truncated files fail here with their name
+                return _to_rgb(ImageOps.exif_transpose(im))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ImageLoadError(f"cannot read image {os.fspath(image)!r}: {e}") from e
+    if isinstance(image, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(image))
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+            t = t.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        image = t.numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ImageLoadError(f"image array must be uint8 (0-255); got dtype {image.dtype}")
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
+            raise ImageLoadError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {image.shape}")
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+    raise ImageLoadError(f"unsupported image input of type {type(image).__name__}; expected a path, PIL image or uint8 array")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit (I;16*, and I as PIL opens 16-bit PNG/TIFF) -> 8-bit by the top byte; F clipped.
+        a = np.asarray(im)
+        a = (a.astype(np.float32).clip(0, 255) if im.mode == "F" else a.astype(np.int64).clip(0, 65535) >> 8)
+        return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise ImageLoadError(f"cannot convert image mode {im.mode!r} to RGB: {e}") from e
+
+
+def expand2square(img: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA-1.5's padding: the image centred on a square of `background` colour."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def transform(img: Image.Image, cfg: PreprocessConfig, mode: Mode | None = None) -> torch.Tensor:
+    """An RGB PIL image -> normalized float32 tensor (3, S, S)."""
+    mode = mode or cfg.default_mode
+    resample = _RESAMPLE[cfg.interpolation]
+    S = cfg.image_size
+    if mode == "pad":
+        img = expand2square(img, tuple(int(m * 255) for m in cfg.mean))
+        mode = "crop"
+    if mode == "squash":
+        img = img.resize((S, S), resample=resample)
+    elif mode == "crop":
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = cfg.shortest_edge, int(cfg.shortest_edge * long / short)  # transformers' rounding
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample=resample)
+        top, left = (new_h - S) // 2, (new_w - S) // 2
+        if (top, left) != (0, 0) or (new_w, new_h) != (S, S):
+            img = _center_crop(img, top, left, S)
+    else:
+        raise ValueError(f"preprocess mode {mode!r} is not one of {MODES}")
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (S, S, 3) uint8
+    x = x.permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _center_crop(img: Image.Image, top: int, left: int, size: int) -> Image.Image:
+    # PIL pads with zeros where the box leaves the image, as transformers' center_crop does.
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess(images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig, mode: Mode | None = None) -> torch.Tensor:
+    """One image or a sequence of them -> (B, 3, S, S) float32."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"preprocess mode {mode!r} is not one of {MODES}")
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError("preprocess got an empty list of images")
+    return torch.stack([transform(load_image(im), cfg, mode) for im in images])
+
+
+class ImageProcessor:
+    """A drop-in for transformers' `CLIPImageProcessor` where LLaVA code uses one.
+
+    Exposes the attributes LLaVA reads (`image_mean`, `image_std`, `crop_size`, `size`) and
+    `preprocess(images, return_tensors="pt")["pixel_values"]`, computed by this module.
+    """
+
+    def __init__(self, config: PreprocessConfig, mode: Mode | None = None) -> None:
+        self.config = config
+        self.mode: Mode = mode or config.default_mode
+        self.image_mean = list(config.mean)
+        self.image_std = list(config.std)
+        self.crop_size = {"height": config.image_size, "width": config.image_size}
+        self.size = {"shortest_edge": config.shortest_edge}
+        self.do_center_crop = True
+        self.resample = {v: k for k, v in _RESAMPLE_NAMES.items()}[config.interpolation]
+
+    def preprocess(self, images: ImageInput | Iterable[ImageInput], return_tensors: str | None = "pt", **kwargs: Any):
+        from transformers import BatchFeature
+
+        if not isinstance(images, _SINGLE_INPUTS):
+            images = list(images)
+        pixels = preprocess(images, self.current_config(), kwargs.get("mode", self.mode))
+        if return_tensors in (None, "np"):
+            data = list(pixels.numpy()) if return_tensors is None else pixels.numpy()
+            return BatchFeature({"pixel_values": data})
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None")
+        return BatchFeature({"pixel_values": pixels})
+
+    __call__ = preprocess
+
+    def current_config(self) -> PreprocessConfig:
+        """The config as the attributes now say: LLaVA code edits `size` / `crop_size` in place (S2)."""
+        return PreprocessConfig(
+            image_size=int(self.crop_size["height"]), resize_size=int(self.size["shortest_edge"]),
+            mean=tuple(self.image_mean), std=tuple(self.image_std), interpolation=_RESAMPLE_NAMES[self.resample],
+            default_mode=self.config.default_mode,
+        )
+
+    def __repr__(self) -> str:
+        return f"ImageProcessor(mode={self.mode!r}, {self.config})"

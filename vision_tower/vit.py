@@ -1,0 +1,211 @@
+"""A plain pre-norm Vision Transformer that computes only the layers a caller asks for.
+
+One module covers the towers VLMs use (CLIP now; SigLIP and DINOv2 share the same blocks).
+Architecture is data (`ViTConfig`); checkpoint formats are converted into this module's own
+parameter names by `vision_tower.checkpoints`, so the forward pass never depends on where the
+weights came from.
+
+Hidden-state indexing follows transformers' `output_hidden_states` convention:
+index 0 is the token embedding (after the pre-norm, where the model has one), index i is the
+output of block i, so a model of depth D has D + 1 hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
+AttnImpl = Literal["sdpa", "eager"]
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager")
+
+
+def check_attn_implementation(name: str) -> AttnImpl:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={name!r} is not supported; expected one of {ATTN_IMPLEMENTATIONS}")
+    return name  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that fixes the shape and arithmetic of a tower."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    act: Activation = "quick_gelu"
+    norm_eps: float = 1e-5
+    class_token: bool = True
+    pre_norm: bool = True  # CLIP's `pre_layrnorm` on the embeddings
+    patch_bias: bool = False  # CLIP's patch conv has no bias; SigLIP / DINOv2 have one
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.num_patches
+
+
+def _activation(name: Activation) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; expected one of quick_gelu, gelu, gelu_tanh")
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU; its checkpoints were trained with it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (one GEMM instead of three)."""
+
+    def __init__(self, width: int, heads: int, attn_implementation: AttnImpl = "sdpa") -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.scale = self.head_dim**-0.5
+        self.attn_implementation = attn_implementation
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim)  # (B, N, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D)
+        if self.attn_implementation == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+            x = attn.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v  # (B, H, N, D)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, act: Activation) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = _activation(act)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ViTConfig, attn_implementation: AttnImpl = "sdpa") -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.width, cfg.heads, attn_implementation)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding, optional CLS token, learned positions, optional pre-norm, blocks.
+
+    There is deliberately no post-norm or pooling head: VLMs read a hidden state from inside
+    the stack, so those weights are never loaded and never run.
+    """
+
+    def __init__(self, cfg: ViTConfig, attn_implementation: AttnImpl = "sdpa") -> None:
+        super().__init__()
+        check_attn_implementation(attn_implementation)
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(
+            cfg.in_channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
+        )
+        self.cls_token = nn.Parameter(torch.zeros(cfg.width)) if cfg.class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg, attn_implementation) for _ in range(cfg.depth))
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init for dry runs and tests (truncated-normal weights, zero biases, unit norms)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=std)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=std)
+
+    def set_attn_implementation(self, attn_implementation: AttnImpl) -> None:
+        check_attn_implementation(attn_implementation)
+        for blk in self.blocks:
+            blk.attn.attn_implementation = attn_implementation
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels)  # (B, C, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if self.cls_token is not None:
+            cls = self.cls_token.expand(x.shape[0], 1, -1)  # (B, 1, C)
+            x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, C)
+        x = x + self.pos_embed
+        return self.norm_pre(x)
+
+    def forward_intermediates(self, pixels: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Hidden states `indices` (non-negative, `hidden_states` convention), in that order.
+
+        Runs the blocks only up to the deepest requested index and keeps only the requested
+        states, so asking for layer -2 of a 24-block tower runs 23 blocks and stores one tensor.
+        """
+        wanted = set(indices)
+        stop = max(wanted)
+        if min(wanted) < 0 or stop > self.cfg.depth:
+            raise ValueError(f"hidden-state indices must lie in [0, {self.cfg.depth}]; got {sorted(wanted)}")
+        x = self.embed(pixels)  # (B, N, C)
+        kept = {0: x} if 0 in wanted else {}
+        for i, blk in enumerate(self.blocks[:stop], start=1):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in wanted:
+                kept[i] = x
+        return [kept[i] for i in indices]
