@@ -86,15 +86,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
+def weight_files_in(d: Path, names: tuple[str, ...] = _WEIGHT_FILES) -> tuple[Path, ...]:
+    """The weight files of a save_pretrained directory: the first of `names` present, shards resolved."""
+    for name in names:
+        if (d / name).is_file():
+            return _shard_files(d / name) if name.endswith(".index.json") else (d / name,)
+    raise CheckpointError(f"{d} holds no weights: looked for {', '.join(names)}")
+
+
 def _from_directory(source: str, d: Path) -> Checkpoint:
     config = _read_json(d / "config.json")
     if config is None:
         raise CheckpointError(f"{d} has no config.json; expected a directory written by transformers' save_pretrained")
-    for name in _WEIGHT_FILES:
-        if (d / name).is_file():
-            files = _shard_files(d / name) if name.endswith(".index.json") else (d / name,)
-            return Checkpoint(source, d, files, config, _read_json(d / "preprocessor_config.json"))
-    raise CheckpointError(f"{d} holds no weights: looked for {', '.join(_WEIGHT_FILES)}")
+    return Checkpoint(source, d, weight_files_in(d), config, _read_json(d / "preprocessor_config.json"))
 
 
 def _shard_files(index: Path) -> tuple[Path, ...]:
@@ -130,10 +134,18 @@ def _hub_fetch(repo_id: str, filename: str, revision: str | None) -> Path | None
         raise WeightsUnavailableError(offline_help(repo_id, str(e).splitlines()[0])) from e
 
 
+def fetch_file(name_or_path: str, filename: str, revision: str | None = None) -> Path | None:
+    """`filename` from a local directory or a Hub repo (cache or network); None where it is not to be had."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path / filename if (path / filename).is_file() else None
+    return _hub_fetch(name_or_path, filename, revision)
+
+
 def fetch_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """Only the `config.json` of a local directory or Hub repo (no weights are fetched)."""
     path = Path(name_or_path).expanduser()
-    found = path / "config.json" if path.is_dir() else _hub_fetch(name_or_path, "config.json", revision)
+    found = fetch_file(name_or_path, "config.json", revision)
     config = _read_json(found) if found else None
     if config is None:
         if path.is_dir():
@@ -177,11 +189,20 @@ def read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: torc
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
                 sd = torch.load(f, map_location="cpu", weights_only=True)
-            for k, v in sd.items():
+            for k, v in _flatten(sd):
                 if keep(k):
                     out[k] = _cast(v, dtype)
             del sd
     return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) pairs of a possibly nested dict (Prismatic saves {"model": {"projector": ...}})."""
+    for k, v in d.items():
+        if isinstance(v, torch.Tensor):
+            yield prefix + k, v
+        elif isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -273,7 +294,9 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) 
     if unexpected:
         problems.append(f"unexpected: {_short(unexpected)}")
     if shapes:
-        problems.append(f"wrong shape: {_short(shapes)}")
+        empty = any(sd[k].numel() == 0 for k in set(sd) & set(expected))
+        hint = " (empty tensors: saved under DeepSpeed ZeRO-3 without gathering the parameters)" if empty else ""
+        problems.append(f"wrong shape: {_short(shapes)}{hint}")
     if problems:
         raise CheckpointError(f"checkpoint {source!r} does not fit the tower; " + "; ".join(problems))
     model.load_state_dict(sd, strict=True, assign=True)
