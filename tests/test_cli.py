@@ -44,3 +44,9 @@ def test_offline_failure_is_a_message_not_a_traceback(tmp_path):
 def test_bad_arguments_are_reported(capsys):
     assert main(["features", str(PHOTOS[0]), "--random-init", "clip-vit-base-patch32", "--layer", "40", "-q"]) == 2
     assert "valid indices are -13..12" in capsys.readouterr().err
+
+
+def test_features_default_to_what_the_tower_has(capsys):
+    assert main(["features", str(PHOTOS[0]), "--random-init", "siglip-base-patch16-224", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "(196, 768)" in out and "feature patch" in out

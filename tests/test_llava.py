@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import PHOTOS
-from vision_tower import CheckpointError, ImageProcessor
+from vision_tower import ImageProcessor
 from vision_tower.llava import CLIPVisionTower, build_vision_tower
 from vision_tower.preprocess import expand2square
 
@@ -76,12 +76,32 @@ def test_build_vision_tower_reads_llava_config_fields(clip_vision_dir):
         build_vision_tower(args())
 
 
-def test_a_siglip_directory_is_not_built_as_clip(tmp_path):
+def test_a_siglip_directory_is_built_as_siglip_not_clip(tmp_path, pixels):
+    """LLaVA's builder would take any existing path as CLIP and slice [:, 1:] off SigLIP's real patches."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=28, patch_size=14)).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="'siglip_vision_model' checkpoint"):
+    torch.manual_seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                 num_attention_heads=4, image_size=28, patch_size=14)).eval()
+    model.save_pretrained(tmp_path)
+    tower = build_vision_tower(args(mm_vision_tower=str(tmp_path), mm_vision_select_feature="patch"))
+    assert tower.vision_tower.family == "siglip" and tower.config.model_type == "siglip_vision_model"
+    with torch.no_grad():
+        ref = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    out = tower(pixels)
+    assert out.shape == (2, 4, 32)  # all 4 patches: nothing dropped
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs a CLS token.*siglip"):
+        build_vision_tower(args(mm_vision_tower=str(tmp_path), mm_vision_select_feature="cls_patch"))
+
+
+def test_a_dinov2_directory_is_refused_by_the_llava_builder(tmp_path):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, image_size=28,
+                                                       patch_size=14)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is a dinov2 model; LLaVA builds clip and siglip"):
         build_vision_tower(args(mm_vision_tower=str(tmp_path)))
 
 

@@ -115,8 +115,8 @@ def test_strict_loading_lists_missing_unexpected_and_misshaped(tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected.*encoder\.layers\.7\.mlp\.fc1\.weight"):
         VisionTower.from_pretrained(tmp_path)
 
-    write({**sd, "embeddings.position_embedding.weight": torch.zeros(6, 32)})
-    with pytest.raises(CheckpointError, match=r"pos_embed: checkpoint \(6, 32\) vs model \(5, 32\)"):
+    write({**sd, "pre_layrnorm.weight": torch.zeros(33)})
+    with pytest.raises(CheckpointError, match=r"norm_pre\.weight: checkpoint \(33,\) vs model \(32,\)"):
         VisionTower.from_pretrained(tmp_path)
 
     write({**sd, "encoder.layers.0.self_attn.k_proj.weight": torch.zeros(0)})  # what a ZeRO-3 save leaves
@@ -147,7 +147,8 @@ def test_full_size_vit_l14_336_matches_transformers_at_layer_minus_2():
     """The real ViT-L/14@336 architecture, random weights, one image: shapes and parity."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from vision_tower.checkpoints import convert_hf_clip, load_into
+    from vision_tower.checkpoints import load_into
+    from vision_tower.formats import convert_hf
 
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -159,8 +160,9 @@ def test_full_size_vit_l14_336_matches_transformers_at_layer_minus_2():
     tower = VisionTower.from_config("clip-vit-large-patch14-336", seed=0)
     # Same random weights on both sides: ours -> transformers' names via the q/k/v split.
     ours = tower.vit.state_dict()
-    hf_sd = {"embeddings.class_embedding": ours["cls_token"], "embeddings.patch_embedding.weight": ours["patch_embed.weight"],
-             "embeddings.position_embedding.weight": ours["pos_embed"], "pre_layrnorm.weight": ours["norm_pre.weight"],
+    hf_sd = {"embeddings.class_embedding": ours["cls_token"].flatten(),
+             "embeddings.patch_embedding.weight": ours["patch_embed.proj.weight"],
+             "embeddings.position_embedding.weight": ours["pos_embed"][0], "pre_layrnorm.weight": ours["norm_pre.weight"],
              "pre_layrnorm.bias": ours["norm_pre.bias"], "post_layernorm.weight": torch.ones(1024),
              "post_layernorm.bias": torch.zeros(1024)}
     for i in range(24):
@@ -173,7 +175,7 @@ def test_full_size_vit_l14_336_matches_transformers_at_layer_minus_2():
             for n, part in zip("qkv", ours[f"{s}attn.qkv.{t}"].chunk(3), strict=True):
                 hf_sd[f"{d}self_attn.{n}_proj.{t}"] = part
     hf.load_state_dict(hf_sd, strict=False)
-    load_into(tower.vit, convert_hf_clip(dict(hf_sd), 24), "round trip")  # our converter inverts the split
+    load_into(tower.vit, convert_hf(dict(hf_sd), tower.config, "clip"), "round trip")  # our converter inverts the split
 
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

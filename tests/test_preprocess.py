@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import PHOTOS
-from vision_tower import ImageLoadError, ImageProcessor, VisionTower, load_image, preprocess
+from vision_tower import ImageLoadError, ImageProcessor, VisionTower, get_spec, load_image, preprocess
 from vision_tower.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, expand2square
 
 CFG = PreprocessConfig(image_size=336, mean=CLIP_MEAN, std=CLIP_STD)
@@ -160,3 +160,35 @@ def test_tower_preprocess_uses_its_checkpoint_config():
     x = tower.preprocess(PHOTOS[:2])
     assert x.shape == (2, 3, 224, 224)
     assert tower(x).shape == (2, 50, 768)
+
+
+def test_siglip_squash_equals_transformers_siglip_processor():
+    from transformers import SiglipImageProcessorPil
+
+    spec = get_spec("siglip-so400m-patch14-384")
+    proc = SiglipImageProcessorPil(size={"height": 384, "width": 384}, resample=3, image_mean=[0.5] * 3,
+                                   image_std=[0.5] * 3)
+    for im in photos():
+        ref = proc(im, return_tensors="pt")["pixel_values"]
+        assert (preprocess(im, spec.preprocess) - ref).abs().max().item() == 0.0  # default mode: squash
+
+
+def test_letterbox_equals_prismatics_pipeline():
+    """Prismatic: LetterboxPad(fill=int(mean*255)) then timm's Resize(224, bicubic) + CenterCrop(224)."""
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TVF
+
+    spec = get_spec("siglip-so400m-patch14-224")
+    fill = tuple(int(x * 255) for x in spec.preprocess.mean)
+
+    def prismatic(im):
+        (w, h), side = im.size, max(im.size)
+        hp, vp = int((side - w) / 2), int((side - h) / 2)
+        im = TVF.pad(im, [hp, vp, hp, vp], fill=fill, padding_mode="constant")
+        t = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                       T.Normalize(spec.preprocess.mean, spec.preprocess.std)])
+        return t(im)
+
+    for im in photos():
+        ours = preprocess(im, spec.preprocess, mode="letterbox")[0]
+        assert (ours - prismatic(im)).abs().max().item() <= 1e-6

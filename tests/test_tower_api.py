@@ -138,12 +138,17 @@ def test_not_a_hub_id_nor_a_name():
         VisionTower.from_pretrained("not a/valid/hub id!!")
 
 
-def test_a_directory_without_a_clip_config_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="has no config.json"):
+def test_directories_that_hold_no_tower_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no weights: looked for model.safetensors"):
         VisionTower.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text('{"model_type": "siglip_vision_model"}')
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="'siglip_vision_model' checkpoint; supported model types: clip"):
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        VisionTower.from_pretrained(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"classifier.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(CheckpointError, match="'vit' checkpoint; supported transformers model types: clip"):
         VisionTower.from_pretrained(tmp_path)
 
 

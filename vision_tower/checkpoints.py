@@ -27,20 +27,6 @@ class CheckpointError(ValueError):
     """A checkpoint's contents do not fit the tower (keys, shapes, config)."""
 
 
-# transformers `model_type` -> our family. The family is read from the checkpoint, never the name.
-MODEL_TYPE_FAMILY = {"clip": "clip", "clip_vision_model": "clip"}
-
-def family_of(config: dict[str, Any], source: str) -> str:
-    """The tower family of a transformers config, from its `model_type`."""
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPE_FAMILY:
-        raise CheckpointError(
-            f"{source!r} is a {model_type or 'unknown'!r} checkpoint; supported model types: "
-            f"{', '.join(sorted(MODEL_TYPE_FAMILY))}"
-        )
-    return MODEL_TYPE_FAMILY[model_type]
-
-
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -68,12 +54,14 @@ def offline_help(name: str, reason: str) -> str:
 
 
 def locate(name_or_path: str, revision: str | None = None) -> Checkpoint:
-    """A local directory, or a Hub repo id fetched (or found in the cache) with huggingface_hub."""
+    """A weights file, a local directory, or a Hub repo id fetched (or found in the cache)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _from_directory(name_or_path, path)
-    if path.exists():
-        raise CheckpointError(f"{name_or_path!r} is a file; pass the directory written by save_pretrained")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise CheckpointError(f"{path} is not a weights file (.safetensors, .bin, .pt or .pth)")
+        return Checkpoint(name_or_path, path.parent, (path,), {}, None)
     return _from_hub(name_or_path, revision)
 
 
@@ -95,9 +83,8 @@ def weight_files_in(d: Path, names: tuple[str, ...] = _WEIGHT_FILES) -> tuple[Pa
 
 
 def _from_directory(source: str, d: Path) -> Checkpoint:
-    config = _read_json(d / "config.json")
-    if config is None:
-        raise CheckpointError(f"{d} has no config.json; expected a directory written by transformers' save_pretrained")
+    """A save_pretrained directory; without config.json its format is read from its keys."""
+    config = _read_json(d / "config.json") or {}
     return Checkpoint(source, d, weight_files_in(d), config, _read_json(d / "preprocessor_config.json"))
 
 
@@ -173,22 +160,52 @@ def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
     raise WeightsUnavailableError(offline_help(repo_id, f"none of {', '.join(_WEIGHT_FILES)} is cached or downloadable"))
 
 
+def list_keys(files: Iterable[Path]) -> set[str]:
+    """Tensor names in weight files, without reading safetensors data."""
+    keys: set[str] = set()
+    for f in files:
+        if f.suffix == ".safetensors":
+            with _safe_open(f) as sf:
+                keys.update(sf.keys())
+        else:
+            keys.update(k for k, _ in _flatten(_torch_load(f)))
+    return keys
+
+
+def _safe_open(f: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise CheckpointError(f"{f} is not a readable safetensors file: {e}") from e
+
+
+def _torch_load(f: Path) -> dict[str, Any]:
+    """A pickled state dict, never running pickled code (weights_only=True), memory-mapped when possible."""
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "TorchScript" in str(e) or "constants.pkl" in str(e):
+            raise CheckpointError(f"{f} is a TorchScript archive (e.g. OpenAI's CLIP model.pt); load its state dict "
+                                  "once with torch.jit.load(...).state_dict() and save that with safetensors") from e
+        sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be memory-mapped
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{f} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
 def read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors whose names pass `keep`, cast to `dtype` one at a time (no full-model copy)."""
     out: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), framework="pt") as sf:
+            with _safe_open(f) as sf:
                 for k in sf.keys():
                     if keep(k):
                         out[k] = _cast(sf.get_tensor(k), dtype)
         else:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-                sd = torch.load(f, map_location="cpu", weights_only=True)
+            sd = _torch_load(f)
             for k, v in _flatten(sd):
                 if keep(k):
                     out[k] = _cast(v, dtype)
@@ -207,78 +224,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, torch.T
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# transformers CLIP
-# ---------------------------------------------------------------------------------------------
-
-def clip_arch_from_config(config: dict[str, Any]) -> ViTConfig:
-    """A ViTConfig from a transformers CLIP `config.json` (CLIPModel or CLIPVisionModel)."""
-    from transformers import CLIPConfig, CLIPVisionConfig
-
-    model_type = config.get("model_type")
-    if model_type == "clip":
-        vc = CLIPConfig.from_dict(config).vision_config  # fills transformers' defaults for absent keys
-    elif model_type == "clip_vision_model":
-        vc = CLIPVisionConfig.from_dict(config)
-    else:
-        raise CheckpointError(f"expected a CLIP config (model_type 'clip' or 'clip_vision_model'); got {model_type!r}")
-    acts = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-    act = acts.get(vc.hidden_act)
-    if act is None:
-        raise CheckpointError(f"CLIP hidden_act {vc.hidden_act!r} is not supported")
-    return ViTConfig(
-        image_size=vc.image_size, patch_size=vc.patch_size, width=vc.hidden_size, depth=vc.num_hidden_layers,
-        heads=vc.num_attention_heads, mlp_dim=vc.intermediate_size, act=act, norm_eps=vc.layer_norm_eps,
-        class_token=True, pre_norm=True, patch_bias=False, in_channels=vc.num_channels,
-    )
-
-
-def is_clip_vision_key(key: str) -> bool:
-    """Keys of the vision tower in a CLIPModel (`vision_model.*`) or a CLIPVisionModel (bare or prefixed)."""
-    if key.startswith("vision_model."):
-        return True
-    return key.split(".", 1)[0] in ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
-
-
-# Tensors a CLIP vision checkpoint holds that the tower deliberately does not use.
-_CLIP_UNUSED = ("post_layernorm.weight", "post_layernorm.bias", "embeddings.position_ids")
-
-
-def convert_hf_clip(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """transformers CLIP vision names -> VisionTransformer names (q, k, v fused into qkv)."""
-    sd = {k.removeprefix("vision_model."): v for k, v in sd.items()}
-    out: dict[str, torch.Tensor] = {}
-    renames = {
-        "embeddings.class_embedding": "cls_token",
-        "embeddings.patch_embedding.weight": "patch_embed.weight",
-        "embeddings.position_embedding.weight": "pos_embed",
-        "pre_layrnorm.weight": "norm_pre.weight",
-        "pre_layrnorm.bias": "norm_pre.bias",
-    }
-    used = set(_CLIP_UNUSED)
-    for src, dst in renames.items():
-        if src in sd:
-            out[dst] = sd[src]
-            used.add(src)
-    for i in range(depth):
-        p = f"encoder.layers.{i}."
-        for src, dst in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.out_proj", "attn.proj"),
-                         ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-            for t in ("weight", "bias"):
-                if p + f"{src}.{t}" in sd:
-                    out[f"blocks.{i}.{dst}.{t}"] = sd[p + f"{src}.{t}"]
-                    used.add(p + f"{src}.{t}")
-        for t in ("weight", "bias"):
-            qkv = [p + f"self_attn.{n}_proj.{t}" for n in "qkv"]
-            if all(k in sd for k in qkv):
-                out[f"blocks.{i}.attn.qkv.{t}"] = torch.cat([sd[k] for k in qkv], dim=0)
-                used.update(qkv)
-    unexpected = sorted(set(sd) - used)
-    if unexpected:
-        raise CheckpointError(f"unexpected tensors in the CLIP vision checkpoint (depth {depth}): {_short(unexpected)}")
-    return out
 
 
 def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -307,15 +252,9 @@ def _short(items: list[str], n: int = 20) -> str:
 
 
 def preprocess_from_checkpoint(ckpt: Checkpoint, arch: ViTConfig, fallback: PreprocessConfig) -> PreprocessConfig:
-    """The checkpoint's own preprocessor config when it has one, else `fallback` at the model's size."""
+    """The checkpoint's own preprocessor config when it has one at the tower's size, else `fallback`."""
     if ckpt.preprocessor_config:
         cfg = PreprocessConfig.from_hf(ckpt.preprocessor_config, default_mode=fallback.default_mode)
-        if cfg.image_size != arch.image_size:
-            raise CheckpointError(
-                f"{ckpt.source}: preprocessor crop {cfg.image_size} does not match the model's image_size {arch.image_size}"
-            )
-        return cfg
-    if fallback.image_size == arch.image_size:
-        return fallback
-    return PreprocessConfig(image_size=arch.image_size, mean=fallback.mean, std=fallback.std,
-                            interpolation=fallback.interpolation, default_mode=fallback.default_mode)
+        if cfg.image_size == arch.image_size:
+            return cfg
+    return fallback

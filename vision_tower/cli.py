@@ -17,7 +17,7 @@ def cmd_towers(args: argparse.Namespace) -> int:
     rows = [("name", "family", "image", "patch", "width", "depth", "tokens", "hub id")]
     for s in REGISTRY.values():
         rows.append((s.name, s.family, str(s.image_size), str(s.patch_size), str(s.width), str(s.depth),
-                     str(s.arch.num_tokens), s.hub_id))
+                     str(s.num_tokens), s.hub_id))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -52,10 +52,10 @@ def cmd_features(args: argparse.Namespace) -> int:
         print(f"failed: {reason}", file=sys.stderr)
     if args.out and out:
         save_file({k: v.contiguous() for k, v in out.items()}, str(args.out),
-                  metadata={"tower": tower.name, "layer": str(layer), "feature": args.feature})
+                  metadata={"tower": tower.name, "layer": str(layer), "feature": tower.select_feature})
     elapsed = time.perf_counter() - start
     print(f"done: {len(out)} images, {len(failed)} failed, {elapsed:.1f} s ({len(out) / max(elapsed, 1e-9):.2f} img/s), "
-          f"tower {tower.name}, layer {layer}, feature {args.feature}"
+          f"tower {tower.name}, layer {layer}, feature {tower.select_feature}"
           + (f", saved to {args.out}" if args.out and out else ""))
     return 1 if failed and not out else 0
 
@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-init", metavar="NAME", help="random weights of registry tower NAME (dry run, no download)")
     f.add_argument("--layer", type=int, nargs="+", default=[-2],
                    help="hidden-state index (default -2); several are concatenated on the channel axis")
-    f.add_argument("--feature", choices=("cls_patch", "patch", "cls"), default="cls_patch")
+    f.add_argument("--feature", choices=("cls_patch", "patch", "cls"), default=None,
+                   help="default: cls_patch where the tower has a CLS token, else patch")
     f.add_argument("--preprocess", choices=MODES, default=None, help="default: the checkpoint's own (crop for CLIP)")
     f.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     f.add_argument("--device", default="cpu")

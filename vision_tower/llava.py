@@ -5,7 +5,7 @@ Swap `from llava.model.multimodal_encoder.builder import build_vision_tower` for
 unchanged, with these differences, all deliberate:
 
 - the family comes from the checkpoint's config (`model_type`), not from the name string, so a
-  local SigLIP directory is never built as CLIP;
+  local SigLIP directory is built as SigLIP (all tokens, no CLS slicing), never as CLIP;
 - only the blocks up to `mm_vision_select_layer` run, instead of all of them with every hidden
   state kept;
 - `forward` is not wrapped in `torch.no_grad()`: a frozen tower records no graph anyway, and a
@@ -26,12 +26,15 @@ from .vit import ViTConfig
 logger = logging.getLogger(__name__)
 
 
-def _hf_config(arch: ViTConfig):
-    """The transformers `CLIPVisionConfig` LLaVA code reads `.hidden_size` / `.image_size` from."""
-    from transformers import CLIPVisionConfig
+def _hf_config(arch: ViTConfig, family: str):
+    """The transformers vision config LLaVA code reads `.hidden_size` / `.image_size` from."""
+    import transformers as tf
 
+    cls = {"clip": tf.CLIPVisionConfig, "siglip": tf.SiglipVisionConfig}.get(family)
+    if cls is None:
+        raise ValueError(f"LLaVA has no {family} vision tower; the drop-in builds clip and siglip")
     act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[arch.act]
-    return CLIPVisionConfig(
+    return cls(
         hidden_size=arch.width, intermediate_size=arch.mlp_dim, num_hidden_layers=arch.depth,
         num_attention_heads=arch.heads, image_size=arch.image_size, patch_size=arch.patch_size,
         hidden_act=act, layer_norm_eps=arch.norm_eps, num_channels=arch.in_channels,
@@ -39,7 +42,8 @@ def _hf_config(arch: ViTConfig):
 
 
 class CLIPVisionTower(nn.Module):
-    """LLaVA's vision-tower contract, backed by `VisionTower`."""
+    """LLaVA's vision-tower contract, backed by `VisionTower`: CLIP, or SigLIP as LLaVA-NeXT's
+    `SigLipVisionTower` (its `"patch"` feature is every token: SigLIP has no CLS to drop)."""
 
     def __init__(self, vision_tower: str, args: Any, delay_load: bool = False) -> None:
         super().__init__()
@@ -52,7 +56,8 @@ class CLIPVisionTower(nn.Module):
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
             self.load_model()
         else:
-            self.cfg_only = _hf_config(describe(vision_tower)[1])
+            family, arch = describe(vision_tower)
+            self.cfg_only = _hf_config(arch, family)
 
     def load_model(self, device_map: Any = None) -> None:
         if self.is_loaded:
@@ -88,7 +93,7 @@ class CLIPVisionTower(nn.Module):
 
     @property
     def config(self):
-        return _hf_config(self.vision_tower.config) if self.is_loaded else self.cfg_only
+        return _hf_config(self.vision_tower.config, self.vision_tower.family) if self.is_loaded else self.cfg_only
 
     @property
     def hidden_size(self) -> int:
@@ -115,10 +120,15 @@ class CLIPVisionTower(nn.Module):
         return self.num_patches + (self.select_feature == "cls_patch")
 
 
+SigLipVisionTower = CLIPVisionTower  # LLaVA-NeXT's name for the SigLIP tower
+
+
 def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> CLIPVisionTower:
     """LLaVA's builder: reads `mm_vision_tower` (or `vision_tower`); the family comes from the checkpoint."""
     name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
     if not name:
         raise ValueError("the config names no vision tower: set `mm_vision_tower` (or `vision_tower`)")
-    describe(name)  # reads the checkpoint's model_type; an unsupported family fails here, before any weights
+    family, arch = describe(name)  # from the checkpoint's model_type, before any weights are fetched
+    if family not in ("clip", "siglip"):
+        raise ValueError(f"Unknown vision tower: {name!r} is a {family} model; LLaVA builds clip and siglip towers")
     return CLIPVisionTower(name, args=vision_tower_cfg, **kwargs)

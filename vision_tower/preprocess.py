@@ -6,7 +6,10 @@ checkpoint expects. Three modes:
 
 - ``crop``: shortest edge to `resize_size`, bicubic, center crop to `image_size` (CLIP default).
 - ``pad``: LLaVA-1.5's `expand2square` with background `int(mean * 255)`, then ``crop``.
-- ``squash``: resize straight to the square, aspect ratio not kept (Prismatic ``resize-naive``).
+- ``squash``: resize straight to the square, aspect ratio not kept (Prismatic ``resize-naive``;
+  SigLIP's own processor).
+- ``letterbox``: Prismatic's `LetterboxPad` (each side padded by int(diff / 2) with `int(mean * 255)`),
+  then ``crop``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from PIL import Image, ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Mode = Literal["crop", "pad", "squash"]
-MODES: tuple[str, ...] = ("crop", "pad", "squash")
+Mode = Literal["crop", "pad", "squash", "letterbox"]
+MODES: tuple[str, ...] = ("crop", "pad", "squash", "letterbox")
 ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
 _SINGLE_INPUTS = (Image.Image, str, os.PathLike, np.ndarray, torch.Tensor)
 
@@ -148,6 +154,18 @@ def expand2square(img: Image.Image, background: tuple[int, ...]) -> Image.Image:
     return out
 
 
+def letterbox(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """Prismatic's LetterboxPad: int((side - w) / 2) on the left and right, likewise top and bottom."""
+    w, h = img.size
+    side = max(w, h)
+    hp, vp = (side - w) // 2, (side - h) // 2
+    if hp == vp == 0:
+        return img
+    out = Image.new(img.mode, (w + 2 * hp, h + 2 * vp), fill)
+    out.paste(img, (hp, vp))
+    return out
+
+
 def transform(img: Image.Image, cfg: PreprocessConfig, mode: Mode | None = None) -> torch.Tensor:
     """An RGB PIL image -> normalized float32 tensor (3, S, S)."""
     mode = mode or cfg.default_mode
@@ -155,6 +173,9 @@ def transform(img: Image.Image, cfg: PreprocessConfig, mode: Mode | None = None)
     S = cfg.image_size
     if mode == "pad":
         img = expand2square(img, tuple(int(m * 255) for m in cfg.mean))
+        mode = "crop"
+    elif mode == "letterbox":
+        img = letterbox(img, tuple(int(m * 255) for m in cfg.mean))
         mode = "crop"
     if mode == "squash":
         img = img.resize((S, S), resample=resample)

@@ -1,17 +1,17 @@
 """Named towers as small frozen specs: architecture, checkpoint and preprocessing are data.
 
 A spec's `family` is stated here (or, for checkpoints outside the registry, read from the
-checkpoint's `model_type`), never guessed from the name.
+checkpoint's `model_type` or key layout), never guessed from the name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
+from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, PreprocessConfig
 from .vit import ViTConfig
 
-FAMILIES: tuple[str, ...] = ("clip",)
+FAMILIES: tuple[str, ...] = ("clip", "siglip", "dinov2", "fused")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,68 @@ class TowerSpec:
     def has_cls(self) -> bool:
         return self.arch.class_token
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens a tower returns by default: CLS (where there is one) + patches; never registers."""
+        return int(self.arch.class_token) + self.arch.num_patches
+
+
+@dataclass(frozen=True)
+class FusedSpec:
+    """Several towers on the same image, patch tokens concatenated on the channel axis (Prismatic
+    "dinosiglip"). Each part: (registry tower or spec, Hub id of the weights it was trained from, format)."""
+
+    name: str
+    parts: tuple[tuple[str | TowerSpec, str, str], ...]
+    default_mode: str = "squash"
+    description: str = ""
+    family: str = "fused"
+
+    @property
+    def hub_id(self) -> str:
+        return " + ".join(hub for _, hub, _ in self.parts)
+
+    @property
+    def part_specs(self) -> list[TowerSpec]:
+        return [get_spec(p) if isinstance(p, str) else p for p, _, _ in self.parts]  # type: ignore[misc]
+
+    @property
+    def image_size(self) -> int:
+        return self.part_specs[0].image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.part_specs[0].patch_size
+
+    @property
+    def width(self) -> int:
+        return sum(s.width for s in self.part_specs)
+
+    @property
+    def depth(self) -> int:
+        return max(s.depth for s in self.part_specs)
+
+    @property
+    def has_cls(self) -> bool:
+        return False
+
+    @property
+    def num_tokens(self) -> int:
+        return self.part_specs[0].arch.num_patches
+
+
+def family_preprocess(family: str, image_size: int, default_mode: str | None = None) -> PreprocessConfig:
+    """The preprocessing a family's checkpoints use when they do not ship their own."""
+    if family == "clip":
+        return PreprocessConfig(image_size=image_size, mean=CLIP_MEAN, std=CLIP_STD, default_mode=default_mode or "crop")
+    if family == "siglip":  # resize straight to the square, no crop
+        return PreprocessConfig(image_size=image_size, mean=SIGLIP_MEAN, std=SIGLIP_STD,
+                                default_mode=default_mode or "squash")
+    if family == "dinov2":  # transformers' BitImageProcessor: 256 -> crop 224, i.e. crop_pct 0.875
+        return PreprocessConfig(image_size=image_size, resize_size=round(image_size / 0.875), mean=IMAGENET_MEAN,
+                                std=IMAGENET_STD, default_mode=default_mode or "crop")
+    raise ValueError(f"no default preprocessing for family {family!r}")
+
 
 def _clip(name: str, hub_id: str, *, size: int, patch: int, width: int, depth: int, heads: int, description: str) -> TowerSpec:
     return TowerSpec(
@@ -53,7 +115,22 @@ def _clip(name: str, hub_id: str, *, size: int, patch: int, width: int, depth: i
             image_size=size, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=4 * width,
             act="quick_gelu", norm_eps=1e-5, class_token=True, pre_norm=True, patch_bias=False,
         ),
-        preprocess=PreprocessConfig(image_size=size, mean=CLIP_MEAN, std=CLIP_STD, default_mode="crop"),
+        preprocess=family_preprocess("clip", size),
+        description=description,
+    )
+
+
+def _siglip(name: str, hub_id: str, *, size: int, patch: int, width: int, depth: int, heads: int, mlp: int,
+            description: str) -> TowerSpec:
+    return TowerSpec(
+        name=name,
+        hub_id=hub_id,
+        family="siglip",
+        arch=ViTConfig(
+            image_size=size, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp, act="gelu_tanh",
+            norm_eps=1e-6, class_token=False, pre_norm=False, patch_bias=True,
+        ),
+        preprocess=family_preprocess("siglip", size),
         description=description,
     )
 
@@ -67,8 +144,33 @@ _SPECS: tuple[TowerSpec, ...] = (
           depth=12, heads=12, description="small CLIP; 197 tokens"),
     _clip("clip-vit-base-patch32", "openai/clip-vit-base-patch32", size=224, patch=32, width=768,
           depth=12, heads=12, description="smallest CLIP; 50 tokens"),
+    _siglip("siglip-so400m-patch14-384", "google/siglip-so400m-patch14-384", size=384, patch=14, width=1152, depth=27,
+            heads=16, mlp=4304, description="LLaVA-NeXT / OneVision tower; 729 tokens, no CLS"),
+    _siglip("siglip-so400m-patch14-224", "google/siglip-so400m-patch14-224", size=224, patch=14, width=1152, depth=27,
+            heads=16, mlp=4304, description="OpenVLA's SigLIP; 256 tokens, no CLS"),
+    _siglip("siglip-base-patch16-224", "google/siglip-base-patch16-224", size=224, patch=16, width=768, depth=12,
+            heads=12, mlp=3072, description="small SigLIP; 196 tokens, no CLS"),
+    TowerSpec(
+        name="dinov2-large-reg4",
+        hub_id="facebook/dinov2-with-registers-large",
+        family="dinov2",
+        arch=ViTConfig(image_size=224, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096, act="gelu",
+                       norm_eps=1e-6, class_token=True, class_pos_embed=False, num_registers=4, pre_norm=False,
+                       patch_bias=True, layer_scale=True),
+        preprocess=family_preprocess("dinov2", 224),
+        description="OpenVLA's DINOv2 at 224 px; CLS + 4 registers + 256 patches",
+    ),
 )
-REGISTRY: dict[str, TowerSpec] = {s.name: s for s in _SPECS}
+_FUSED: tuple[FusedSpec, ...] = (
+    FusedSpec(
+        name="dinosiglip-vit-so-224px",
+        parts=(("dinov2-large-reg4", "timm/vit_large_patch14_reg4_dinov2.lvd142m", "timm"),
+               ("siglip-so400m-patch14-224", "timm/vit_so400m_patch14_siglip_224.webli", "timm")),
+        default_mode="squash",
+        description="OpenVLA / Prismatic fused DINOv2 + SigLIP; 256 tokens x 2176",
+    ),
+)
+REGISTRY: dict[str, TowerSpec | FusedSpec] = {s.name: s for s in (*_SPECS, *_FUSED)}
 DEFAULT_TOWER = "clip-vit-large-patch14-336"
 
 
@@ -76,7 +178,7 @@ def list_towers() -> list[str]:
     return list(REGISTRY)
 
 
-def get_spec(name: str) -> TowerSpec:
+def get_spec(name: str) -> TowerSpec | FusedSpec:
     if name not in REGISTRY:
         raise ValueError(f"unknown tower {name!r}; known towers: {', '.join(REGISTRY)}")
     return REGISTRY[name]
@@ -85,3 +187,26 @@ def get_spec(name: str) -> TowerSpec:
 def spec_for_hub_id(hub_id: str) -> TowerSpec | None:
     """The registry entry whose checkpoint is `hub_id`, if any (exact match, case-insensitive)."""
     return next((s for s in _SPECS if s.hub_id.lower() == hub_id.lower()), None)
+
+
+def match_spec(family: str, width: int, depth: int, patch_size: int, grid: int) -> TowerSpec:
+    """The registry tower a foreign checkpoint (which cannot state heads, eps or activation) is.
+
+    Among towers of that family and shape, the one trained at the checkpoint's grid wins."""
+    same = [s for s in _SPECS if (s.family, s.width, s.depth, s.patch_size) == (family, width, depth, patch_size)]
+    if not same:
+        raise ValueError(
+            f"no registered {family} tower has width {width}, depth {depth} and patch {patch_size}; pass tower= a "
+            f"TowerSpec describing it"
+        )
+    return next((s for s in same if s.arch.grid_size == grid), same[0])
+
+
+def with_arch(spec: TowerSpec, **changes: object) -> TowerSpec:
+    """`spec` with some architecture fields changed (image size, activation, ...), preprocessing kept in step."""
+    arch = replace(spec.arch, **changes)
+    pre = spec.preprocess
+    if arch.image_size != spec.image_size:
+        resize = None if pre.resize_size is None else round(pre.resize_size * arch.image_size / pre.image_size)
+        pre = replace(pre, image_size=arch.image_size, resize_size=resize)
+    return replace(spec, arch=arch, preprocess=pre)

@@ -1,9 +1,10 @@
 """A plain pre-norm Vision Transformer that computes only the layers a caller asks for.
 
-One module covers the towers VLMs use (CLIP now; SigLIP and DINOv2 share the same blocks).
-Architecture is data (`ViTConfig`); checkpoint formats are converted into this module's own
-parameter names by `vision_tower.checkpoints`, so the forward pass never depends on where the
-weights came from.
+One module covers the towers VLMs use: CLIP (class token with a position, pre-norm, QuickGELU),
+SigLIP (no class token, tanh-GELU) and DINOv2 (class + register tokens, LayerScale). Architecture
+is data (`ViTConfig`); parameter names and shapes follow timm's `VisionTransformer`, and every
+checkpoint format is converted into them by `vision_tower.formats`, so the forward pass never
+depends on where the weights came from.
 
 Hidden-state indexing follows transformers' `output_hidden_states` convention:
 index 0 is the token embedding (after the pre-norm, where the model has one), index i is the
@@ -44,19 +45,24 @@ class ViTConfig:
     act: Activation = "quick_gelu"
     norm_eps: float = 1e-5
     class_token: bool = True
+    class_pos_embed: bool = True  # the class token has a position (CLIP); DINOv2's is folded into the token
+    num_registers: int = 0  # DINOv2-reg register tokens: after the class token, no position
     pre_norm: bool = True  # CLIP's `pre_layrnorm` on the embeddings
     patch_bias: bool = False  # CLIP's patch conv has no bias; SigLIP / DINOv2 have one
+    layer_scale: bool = False  # DINOv2's per-channel residual scales
     in_channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.num_registers and self.class_token and self.class_pos_embed:
+            raise ValueError("register tokens need class_pos_embed=False (fold the class position into the token)")
 
     @property
     def grid_size(self) -> int:
-        return self.image_size // self.patch_size
+        return self.image_size // self.patch_size  # floors, as the patch conv does (SigLIP 384 / 14 -> 27)
 
     @property
     def num_patches(self) -> int:
@@ -64,7 +70,11 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token)
+        return int(self.class_token) + self.num_registers
+
+    @property
+    def num_pos_tokens(self) -> int:
+        return self.num_patches + int(self.class_token and self.class_pos_embed)
 
     @property
     def num_tokens(self) -> int:
@@ -124,23 +134,45 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))); ls = identity without LayerScale."""
 
     def __init__(self, cfg: ViTConfig, attn_implementation: AttnImpl = "sdpa") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.attn = Attention(cfg.width, cfg.heads, attn_implementation)
+        self.ls1 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.act)
+        self.ls2 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                              bias=cfg.patch_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, C, h, w)
+        return x.flatten(2).transpose(1, 2)  # (B, h*w, C)
 
 
 class VisionTransformer(nn.Module):
-    """Patch embedding, optional CLS token, learned positions, optional pre-norm, blocks.
+    """Patch embedding, optional class / register tokens, learned positions, optional pre-norm, blocks.
 
     There is deliberately no post-norm or pooling head: VLMs read a hidden state from inside
     the stack, so those weights are never loaded and never run.
@@ -150,11 +182,10 @@ class VisionTransformer(nn.Module):
         super().__init__()
         check_attn_implementation(attn_implementation)
         self.cfg = cfg
-        self.patch_embed = nn.Conv2d(
-            cfg.in_channels, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
-        )
-        self.cls_token = nn.Parameter(torch.zeros(cfg.width)) if cfg.class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(cfg.num_tokens, cfg.width))
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_registers, cfg.width)) if cfg.num_registers else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_tokens, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, attn_implementation) for _ in range(cfg.depth))
         self.gradient_checkpointing = False
@@ -171,9 +202,9 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=std)
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=std)
+        for p in (self.pos_embed, self.cls_token, self.reg_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=std)
 
     def set_attn_implementation(self, attn_implementation: AttnImpl) -> None:
         check_attn_implementation(attn_implementation)
@@ -181,12 +212,15 @@ class VisionTransformer(nn.Module):
             blk.attn.attn_implementation = attn_implementation
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(pixels)  # (B, C, h, w)
-        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        if self.cls_token is not None:
-            cls = self.cls_token.expand(x.shape[0], 1, -1)  # (B, 1, C)
-            x = torch.cat([cls, x], dim=1)  # (B, 1 + h*w, C)
-        x = x + self.pos_embed
+        """(B, 3, S, S) -> (B, prefix + h*w, C): [CLS, registers, patches] with positions added."""
+        x = self.patch_embed(pixels)  # (B, h*w, C)
+        B = x.shape[0]
+        if self.cfg.class_token and self.cfg.class_pos_embed:  # CLIP: the class token has a position
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, 1 + h*w, C)
+        else:  # SigLIP, DINOv2: positions on the patches; prefix tokens carry their own
+            x = x + self.pos_embed  # (B, h*w, C)
+            prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+            x = torch.cat([*prefix, x], dim=1)  # (B, prefix + h*w, C)
         return self.norm_pre(x)
 
     def forward_intermediates(self, pixels: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
