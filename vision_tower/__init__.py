@@ -9,7 +9,8 @@ from .vit import ViTConfig, VisionTransformer
 __version__ = "0.1.0"
 
 __all__ = [
-    "VisionTower", "FusedVisionTower", "list_towers", "get_spec", "TowerSpec", "FusedSpec", "DEFAULT_TOWER", "ViTConfig", "VisionTransformer",
+    "VisionTower", "FusedVisionTower", "list_towers", "get_spec", "TowerSpec", "FusedSpec", "DEFAULT_TOWER",
+    "ViTConfig", "VisionTransformer",
     "PreprocessConfig", "ImageProcessor", "preprocess", "load_image",
     "CheckpointError", "WeightsUnavailableError", "ImageLoadError", "__version__",
 ]

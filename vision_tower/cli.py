@@ -1,13 +1,15 @@
-"""The `vision-tower` command line. Subcommands: `towers`, `features`."""
+"""The `vision-tower` command line. Subcommands: `towers`, `features`, `extract`, `inspect`, `verify`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from .cache import CacheError
 from .checkpoints import CheckpointError, WeightsUnavailableError
 from .preprocess import MODES, ImageLoadError
 from .registry import DEFAULT_TOWER, REGISTRY
@@ -60,6 +62,43 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 1 if failed and not out else 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import ExtractConfig, _rank, extract
+
+    layer = args.layer[0] if len(args.layer) == 1 else args.layer
+    cfg = ExtractConfig(images=args.images, out=args.out, list=args.list, model=None if args.random_init else args.model,
+                        random_init=args.random_init, seed=args.seed, layer=layer, feature=args.feature,
+                        dtype=args.dtype, preprocess=args.preprocess, batch_size=args.batch_size,
+                        num_workers=args.num_workers, pool=args.pool, device=args.device, shard_size=args.shard_size,
+                        progress=not args.quiet)
+    result = extract(cfg)
+    rank, world, _ = _rank()
+    print(result.summary(rank, world))
+    for key, reason in list(result.failures.items())[:20]:
+        print(f"failed: {key}: {reason}", file=sys.stderr)
+    if len(result.failures) > 20:
+        print(f"... {len(result.failures) - 20} more failures (vision-tower inspect {args.out})", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .extract import inspect
+
+    print(inspect(args.cache))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .cache import FeatureCache
+
+    cache = FeatureCache(args.cache)
+    bad = cache.verify()
+    for name, problem in bad.items():
+        print(f"bad shard {name}: {problem}", file=sys.stderr)
+    print(f"verified {len(cache.manifests)} shards, {len(cache)} features: {len(bad)} bad")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vision-tower", description="Vision towers for LLaVA- and OpenVLA-style models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, help="write the features to this .safetensors file (one tensor per image)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_features)
+
+    from .extract import POOLS
+
+    e = sub.add_parser("extract", help="precompute features for a dataset into a resumable cache")
+    e.add_argument("--images", required=True, help="image root; keys are paths relative to it")
+    e.add_argument("--list", help="LLaVA JSON (records with 'image') or a text file of relative paths")
+    e.add_argument("--out", required=True, help="cache directory (created, or resumed)")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--model", default=DEFAULT_TOWER, help="registry name, Hub id, directory or weights file")
+    src.add_argument("--random-init", metavar="NAME", help="random weights of registry tower NAME (dry run)")
+    e.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
+    e.add_argument("--layer", type=int, nargs="+", default=[-2])
+    e.add_argument("--feature", choices=("cls_patch", "patch", "cls"), default=None,
+                   help="default: cls_patch where the tower has a CLS token (keep the superset), else patch")
+    e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    e.add_argument("--preprocess", choices=MODES, default=None, help="default: the checkpoint's own")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    e.add_argument("--pool", choices=POOLS, default="none", help="spatial pooling of the patch grid")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun / accelerate)")
+    e.add_argument("--shard-size", type=int, default=256, help="images per shard (256 x CLIP-L bf16 = 290 MB)")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_extract)
+
+    i = sub.add_parser("inspect", help="print a cache's metadata, counts and failures")
+    i.add_argument("cache")
+    i.set_defaults(func=cmd_inspect)
+    v = sub.add_parser("verify", help="re-hash every shard of a cache")
+    v.add_argument("cache")
+    v.set_defaults(func=cmd_verify)
     return p
 
 
@@ -89,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (WeightsUnavailableError, CheckpointError, ImageLoadError, ValueError) as e:
+    except (WeightsUnavailableError, CheckpointError, CacheError, ImageLoadError, ValueError) as e:
         print(f"vision-tower: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ checkpoint expects. Three modes:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence, Union
 
@@ -43,6 +44,10 @@ _RESAMPLE = {
 
 class ImageLoadError(ValueError):
     """An input could not be read as an image; the message names the input."""
+
+
+# Larger images are refused before decoding (PIL's own decompression-bomb threshold).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 @dataclass(frozen=True)
@@ -102,10 +107,17 @@ def load_image(image: ImageInput) -> Image.Image:
     """
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as im:
-                im.load()  # decode now, so truncated files fail here with their name
-                return _to_rgb(ImageOps.exif_transpose(im))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(image) as im:
+                    if im.width * im.height > MAX_PIXELS:
+                        raise ImageLoadError(f"image {os.fspath(image)!r} is {im.width}x{im.height}, over the "
+                                             f"{MAX_PIXELS}-pixel limit (decompression-bomb guard); not decoded")
+                    im.load()  # decode now, so truncated files fail here with their name
+                    return _to_rgb(ImageOps.exif_transpose(im))
+        except ImageLoadError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ImageLoadError(f"cannot read image {os.fspath(image)!r}: {e}") from e
     if isinstance(image, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(image))
