@@ -162,6 +162,11 @@ class FeatureCache:
         self._rows: dict[int, torch.Tensor] = {}
         self._pid = os.getpid()
 
+    @property
+    def tokens(self) -> int:
+        """Tokens per feature in this view (e.g. 576 for `patch` of a 577-token `cls_patch` cache)."""
+        return len(range(self.metadata["tokens"])[self._slice])
+
     # ------------------------------------------------------------------ lookups
     def __len__(self) -> int:
         return len(self._where)

@@ -1,4 +1,4 @@
-"""The `vision-tower` command line. Subcommands: `towers`, `features`, `extract`, `inspect`, `verify`."""
+"""The `vision-tower` command line: `towers`, `features`, `extract`, `inspect`, `verify`, `align`."""
 
 from __future__ import annotations
 
@@ -99,6 +99,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_align(args: argparse.Namespace) -> int:
+    from projector.train import AlignConfig, train
+
+    layer = args.layer[0] if len(args.layer) == 1 else args.layer
+    cfg = AlignConfig(
+        data=args.data, llm=args.llm, out=args.out, cache=args.cache, images=args.images, model=args.model,
+        random_init_tower=args.random_init_tower, projector=args.projector, layer=layer, feature=args.feature,
+        lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_length=args.max_length, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resume=args.resume,
+        save_every=args.save_every, pad_token=args.pad_token, num_workers=args.num_workers, progress=not args.quiet,
+    )
+    result = train(cfg)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vision-tower", description="Vision towers for LLaVA- and OpenVLA-style models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +163,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_extract)
 
+    a = sub.add_parser("align", help="projector pre-alignment (LLaVA stage 1), from a cache or online")
+    a.add_argument("--data", required=True, help="LLaVA-Pretrain JSON (or Prismatic chat.json)")
+    a.add_argument("--llm", required=True, help="causal LM: local directory or Hub id")
+    a.add_argument("--out", required=True)
+    a.add_argument("--cache", help="feature cache from `vision-tower extract`")
+    a.add_argument("--images", help="online: image root (with --model)")
+    a.add_argument("--model", help="online: the tower (registry name, Hub id, directory, weights file)")
+    a.add_argument("--random-init-tower", metavar="NAME", help="online with a random-weight registry tower (dry run)")
+    a.add_argument("--projector", default="mlp2x_gelu", help="kind, or a save_pretrained directory to start from")
+    a.add_argument("--layer", type=int, nargs="+", default=[-2])
+    a.add_argument("--feature", choices=("patch", "cls_patch", "cls"), default="patch")
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--batch-size", type=int, default=256, help="global batch")
+    a.add_argument("--micro-batch-size", type=int, default=32)
+    a.add_argument("--epochs", type=int, default=1)
+    a.add_argument("--warmup-ratio", type=float, default=0.03)
+    a.add_argument("--weight-decay", type=float, default=0.0)
+    a.add_argument("--max-length", type=int, default=2048)
+    a.add_argument("--bf16", action="store_true", help="LLM and tower in bf16, autocast; projector master weights fp32")
+    a.add_argument("--gradient-checkpointing", action="store_true")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    a.add_argument("--save-every", type=int, default=500, help="optimizer steps between checkpoints")
+    a.add_argument("--pad-token", help="set the tokenizer's pad token when it has none (LLaVA: the unk token)")
+    a.add_argument("--num-workers", type=int, default=2)
+    a.add_argument("-q", "--quiet", action="store_true")
+    a.set_defaults(func=cmd_align)
+
     i = sub.add_parser("inspect", help="print a cache's metadata, counts and failures")
     i.add_argument("cache")
     i.set_defaults(func=cmd_inspect)
@@ -158,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (WeightsUnavailableError, CheckpointError, CacheError, ImageLoadError, ValueError) as e:
+    except (WeightsUnavailableError, CheckpointError, CacheError, ImageLoadError, ValueError) as e:  # AlignError too
         print(f"vision-tower: error: {e}", file=sys.stderr)
         return 2
 

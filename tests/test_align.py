@@ -1,0 +1,229 @@
+"""Stage-1 pre-alignment on the CPU with a tiny LLaMA and a tokenizer built here, offline."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from projector import Projector
+from projector.train import AlignConfig, AlignError, micro_batches, train
+from vision_tower.extract import ExtractConfig, extract
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def make_world(root: Path, n: int = 192) -> None:
+    """Images of a coloured shape captioned "{colour} {shape}", a word-level tokenizer trained on the
+    captions, a tiny LLaMA (initializer_range 0.3, so its logits respond to its inputs), a tiny CLIP."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+    )
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    records = []
+    for i in range(n):
+        colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 3]
+        im = Image.new("RGB", (56, 56), tuple(int(v) for v in rng.integers(0, 60, 3)))
+        d = ImageDraw.Draw(im)
+        x, y = (int(v) for v in rng.integers(4, 16, 2))
+        r = int(rng.integers(22, 34))
+        box = [x, y, x + r, y + r]
+        if shape == "circle":
+            d.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle(box, fill=COLOURS[colour])
+        else:
+            d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLOURS[colour])
+        im.save(root / "images" / f"{i:04d}.png")
+        records.append({"id": str(i), "image": f"{i:04d}.png", "conversations": [
+            {"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": f"{colour} {shape}"}]})
+    (root / "data.json").write_text(json.dumps(records))
+    captions = [r["conversations"][1]["value"] for r in records]
+    random.Random(0).shuffle(captions)
+    shuffled = [{**r, "conversations": [r["conversations"][0], {"from": "gpt", "value": c}]}
+                for r, c in zip(records, captions, strict=True)]
+    (root / "shuffled.json").write_text(json.dumps(shuffled))
+
+    words = sorted({w for c in captions for w in c.split()})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(root / "llm")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(root / "llm-no-pad")
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, initializer_range=0.3,
+                                       bos_token_id=2, eos_token_id=3, pad_token_id=0, max_position_embeddings=64))
+    llm.save_pretrained(root / "llm")
+    llm.save_pretrained(root / "llm-no-pad")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     image_size=56, patch_size=14)).save_pretrained(root / "tower")
+    extract(ExtractConfig(images=str(root / "images"), out=str(root / "cache"), model=str(root / "tower"), dtype="fp32",
+                          batch_size=32, num_workers=0, progress=False))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align")
+    make_world(root)
+    return root
+
+
+def config(world, out, **kw) -> AlignConfig:
+    base = dict(data=str(world / "data.json"), llm=str(world / "llm"), cache=str(world / "cache"), out=str(out),
+                batch_size=32, micro_batch_size=8, epochs=4, lr=3e-3, num_workers=0, save_every=0, progress=False)
+    return AlignConfig(**{**base, **kw})
+
+
+def log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def projector_weights(out):
+    return load_file(str(Path(out) / "projector" / "model.safetensors"))
+
+
+def test_a_caption_that_depends_on_the_image_is_learned(world, tmp_path):
+    paired = train(config(world, tmp_path / "paired", epochs=40))
+    shuffled = train(config(world, tmp_path / "shuffled", epochs=40, data=str(world / "shuffled.json")))
+    tail = {name: np.mean([e["loss"] for e in log(tmp_path / name)[-10:]]) for name in ("paired", "shuffled")}
+    assert paired.steps == shuffled.steps == 240
+    # chance for the shuffled pairs is (ln 4 + ln 3) / 3 = 0.83 per caption token; measured 0.07 vs 0.52
+    assert tail["paired"] < 0.15 and tail["shuffled"] > 0.4, tail
+    first = log(tmp_path / "paired")[0]
+    assert set(first) >= {"step", "loss", "lr", "grad_norm", "samples_per_s"}
+
+
+def test_outputs_load_in_llava_transformers_and_our_format(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, epochs=1))
+    ours = Projector.from_pretrained(out / "projector")
+    assert (ours.kind, ours.in_features, ours.out_features, ours.select_layer, ours.select_feature) == (
+        "mlp2x_gelu", 32, 64, -2, "patch")
+    saved = torch.load(out / "mm_projector.bin", weights_only=True)
+    assert set(saved) == {"model.mm_projector.0.weight", "model.mm_projector.0.bias", "model.mm_projector.2.weight",
+                          "model.mm_projector.2.bias"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["mm_projector_type"], cfg["mm_hidden_size"], cfg["hidden_size"], cfg["mm_vision_select_layer"],
+            cfg["mm_vision_select_feature"]) == ("mlp2x_gelu", 32, 64, -2, "patch")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(saved[f"model.mm_projector.{k}"], v)
+
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                       image_size=56, patch_size=14),
+        text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=4, vocab_size=16), image_token_id=15))
+    llava.model.multi_modal_projector.load_state_dict(Projector.from_llava(out / "mm_projector.bin").to_hf_llava(prefix=""))
+    png = Image.open(out / "loss.png")
+    assert png.format == "PNG" and png.size == (640, 360)
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(world, tmp_path):
+    whole = tmp_path / "whole"
+    train(config(world, whole, save_every=3))
+    args = ["--data", str(world / "data.json"), "--llm", str(world / "llm"), "--cache", str(world / "cache"),
+            "--out", str(tmp_path / "cut"), "--batch-size", "32", "--micro-batch-size", "8", "--epochs", "4",
+            "--lr", "3e-3", "--num-workers", "0", "--save-every", "3", "-q"]
+    cmd = [sys.executable, "-m", "vision_tower", "align", *args]
+    killed = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "VISION_TOWER_FAULT": "train_step:10"})
+    assert killed.returncode == -9  # killed after step 10: checkpoints at 3, 6 and 9 exist, 10 is lost
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-0000006", "step-0000009"]
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "trained 24 steps" in resumed.stdout
+    a, b = projector_weights(whole), projector_weights(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [e["step"] for e in log(tmp_path / "cut")][-15:] == list(range(10, 25))
+
+
+def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--data", str(world / "data.json"), "--llm", str(world / "llm"), "--cache", str(world / "cache"),
+              "--batch-size", "32", "--micro-batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--num-workers", "0",
+              "--save-every", "0", "-q"]
+    one = subprocess.run([sys.executable, "-m", "vision_tower", "align", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "vision_tower", "align", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr
+    a, b = projector_weights(tmp_path / "one"), projector_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    la, lb = log(tmp_path / "one"), log(tmp_path / "two")
+    assert len(la) == len(lb) == 12
+    assert abs(la[0]["loss"] - lb[0]["loss"]) < 1e-5
+
+
+def test_micro_batches_split_the_same_global_batches_across_ranks():
+    one = micro_batches(100, 32, 8, epoch=0, seed=0, rank=0, world=1)
+    two = [micro_batches(100, 32, 8, epoch=0, seed=0, rank=r, world=2) for r in range(2)]
+    assert len(one) == 12 and sorted(map(tuple, one)) == sorted(map(tuple, two[0] + two[1]))
+    assert one[0] == two[0][0] and one[1] == two[1][0]  # micro-batch m goes to rank m % 2
+    assert micro_batches(100, 32, 8, epoch=1, seed=0, rank=0, world=1) != one
+
+
+def test_cache_and_online_give_the_same_loss(world, tmp_path):
+    cached = train(config(world, tmp_path / "cached", epochs=1))
+    online = train(config(world, tmp_path / "online", epochs=1, cache=None, images=str(world / "images"),
+                          model=str(world / "tower")))
+    assert cached.steps == online.steps == 6
+    for a, b in zip(log(tmp_path / "cached"), log(tmp_path / "online"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+    a, b = projector_weights(tmp_path / "cached"), projector_weights(tmp_path / "online")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_problems_are_reported_before_training(world, tmp_path):
+    with pytest.raises(AlignError, match="has no pad token; pass --pad-token"):
+        train(config(world, tmp_path / "a", llm=str(world / "llm-no-pad")))
+    assert train(config(world, tmp_path / "b", llm=str(world / "llm-no-pad"), pad_token="<unk>", epochs=1)).steps == 6
+    with pytest.raises(AlignError, match="holds layer -2, not --layer -1"):
+        train(config(world, tmp_path / "c", layer=-1))
+    with pytest.raises(AlignError, match="not a multiple of --micro-batch-size"):
+        train(config(world, tmp_path / "d", batch_size=30))
+    other = Projector("mlp2x_gelu", 32, 48)
+    other.save_pretrained(tmp_path / "p48")
+    with pytest.raises(AlignError, match="maps 32 -> 48.*hidden size is 64"):
+        train(config(world, tmp_path / "e", projector=str(tmp_path / "p48")))
+
+
+def test_per_sample_problems_are_counted_skips(world, tmp_path):
+    records = json.loads((world / "data.json").read_text())
+    records[0]["conversations"][1]["value"] = "red " * 40  # too long for --max-length 20
+    records[1]["image"] = "not-extracted.png"
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    result = train(config(world, tmp_path / "run", data=str(data), max_length=20, epochs=1))
+    assert result.skipped["longer than --max-length"] == 1 and result.skipped["missing from the cache"] == 1
+    assert "1 longer than --max-length" in result.summary() and "1 missing from the cache" in result.summary()
+
+
+def test_bf16_and_gradient_checkpointing_keep_fp32_master_weights(world, tmp_path):
+    result = train(config(world, tmp_path / "bf16", epochs=2, bf16=True, gradient_checkpointing=True))
+    assert result.steps == 12 and np.isfinite(result.final_loss)
+    weights = projector_weights(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    losses = [e["loss"] for e in log(tmp_path / "bf16")]
+    assert losses[-1] < losses[0]
