@@ -148,7 +148,7 @@ def test_full_size_vit_l14_336_matches_transformers_at_layer_minus_2():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from vision_tower.checkpoints import load_into
-    from vision_tower.formats import convert_hf
+    from vision_tower.formats import convert_hf, to_hf_clip
 
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -158,23 +158,9 @@ def test_full_size_vit_l14_336_matches_transformers_at_layer_minus_2():
     hf = hf.to_empty(device="cpu").eval()
     hf.embeddings.position_ids.copy_(torch.arange(577).unsqueeze(0))  # a buffer to_empty leaves unset
     tower = VisionTower.from_config("clip-vit-large-patch14-336", seed=0)
-    # Same random weights on both sides: ours -> transformers' names via the q/k/v split.
-    ours = tower.vit.state_dict()
-    hf_sd = {"embeddings.class_embedding": ours["cls_token"].flatten(),
-             "embeddings.patch_embedding.weight": ours["patch_embed.proj.weight"],
-             "embeddings.position_embedding.weight": ours["pos_embed"][0], "pre_layrnorm.weight": ours["norm_pre.weight"],
-             "pre_layrnorm.bias": ours["norm_pre.bias"], "post_layernorm.weight": torch.ones(1024),
-             "post_layernorm.bias": torch.zeros(1024)}
-    for i in range(24):
-        s, d = f"blocks.{i}.", f"encoder.layers.{i}."
-        for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
-                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-            for t in ("weight", "bias"):
-                hf_sd[f"{d}{b}.{t}"] = ours[f"{s}{a}.{t}"]
-        for t in ("weight", "bias"):
-            for n, part in zip("qkv", ours[f"{s}attn.qkv.{t}"].chunk(3), strict=True):
-                hf_sd[f"{d}self_attn.{n}_proj.{t}"] = part
-    hf.load_state_dict(hf_sd, strict=False)
+    # Same random weights on both sides: ours -> transformers' names (q/k/v split) and back again.
+    hf_sd = to_hf_clip(tower.vit.state_dict(), tower.config)
+    hf.load_state_dict(hf_sd, strict=True)
     load_into(tower.vit, convert_hf(dict(hf_sd), tower.config, "clip"), "round trip")  # our converter inverts the split
 
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
@@ -186,3 +172,22 @@ def test_full_size_vit_l14_336_matches_transformers_at_layer_minus_2():
     assert out.shape == (1, 577, 1024) and patch.shape == (1, 576, 1024)
     assert (out - ref).abs().max().item() <= 1e-5
     torch.testing.assert_close(patch, out[:, 1:])
+
+
+def test_native_attention_is_sdpa_in_fp32_and_as_accurate_in_bf16(clip_vision_dir, pixels):
+    """attn_implementation="native" (PyTorch's fused inference MHA) only runs for bf16/fp16 on a CPU
+    without autograd; elsewhere it must be SDPA exactly. In bf16 it rounds differently from SDPA but
+    must be no further from the fp32 result."""
+    path, model = clip_vision_dir
+    ref = hf_hidden_states(model, pixels)[-2]
+    native = VisionTower.from_pretrained(path, attn_implementation="native")
+    sdpa = VisionTower.from_pretrained(path)
+    with torch.no_grad():
+        assert torch.equal(native(pixels), sdpa(pixels))  # fp32: the SDPA path
+    assert torch.equal(native(pixels), sdpa(pixels))  # autograd on: the SDPA path
+    native.to(torch.bfloat16)
+    sdpa.to(torch.bfloat16)
+    with torch.no_grad():
+        err_native = (native(pixels).float() - ref).abs().max().item()
+        err_sdpa = (sdpa(pixels).float() - ref).abs().max().item()
+    assert err_native <= 2 * err_sdpa + 1e-2, (err_native, err_sdpa)

@@ -182,3 +182,13 @@ def test_hub_id_resolves_from_the_local_cache(clip_vision_dir, pixels, tmp_path_
 def test_unknown_attention_implementation_fails_before_loading():
     with pytest.raises(ValueError, match="attn_implementation='flash_attention_3' is not supported"):
         VisionTower.from_pretrained("clip-vit-large-patch14-336", attn_implementation="flash_attention_3")
+
+
+def test_torch_compile_gives_the_same_features(clip_vision_dir, pixels):
+    """`tower.compile()` (nn.Module's) is what `extract --compile` uses; outputs must not change."""
+    tower = VisionTower.from_pretrained(clip_vision_dir[0])
+    with torch.no_grad():
+        eager = tower(pixels)
+        tower.compile()
+        compiled = tower(pixels)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -128,7 +128,9 @@ def _open_rows(path: Path) -> torch.Tensor:
         n, T, C = info["shape"]
         if n == 0:
             return torch.empty(0, T, C, dtype=dtype)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        # Private (copy-on-write) and prefaulted: rows are read without a page fault each.
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     start = 8 + header_len + info["data_offsets"][0]
     return torch.frombuffer(mm, dtype=dtype, count=n * T * C, offset=start).view(n, T, C)
 
@@ -201,17 +203,13 @@ class FeatureCache:
         return self._shard_rows(shard)[row, self._slice]  # (T, C), a view into the page cache
 
     def get_many(self, keys: Sequence[str]) -> torch.Tensor:
-        """(B, T, C), one gather per shard."""
+        """(B, T, C): each row copied once, straight from the page cache into the batch
+        (twice as fast as an index gather, which copies twice)."""
         located = [self._locate(k) for k in keys]
         first = self._shard_rows(located[0][0])[0, self._slice]
         out = torch.empty(len(keys), *first.shape, dtype=first.dtype)
-        by_shard: dict[int, tuple[list[int], list[int]]] = {}
         for i, (shard, row) in enumerate(located):
-            dst, src = by_shard.setdefault(shard, ([], []))
-            dst.append(i)
-            src.append(row)
-        for shard, (dst, src) in by_shard.items():
-            out[dst] = self._shard_rows(shard)[src][:, self._slice]
+            out[i].copy_(self._shard_rows(shard)[row, self._slice])
         return out
 
     # ------------------------------------------------------------------ checks

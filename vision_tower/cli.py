@@ -70,7 +70,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                         random_init=args.random_init, seed=args.seed, layer=layer, feature=args.feature,
                         dtype=args.dtype, preprocess=args.preprocess, batch_size=args.batch_size,
                         num_workers=args.num_workers, pool=args.pool, device=args.device, shard_size=args.shard_size,
-                        progress=not args.quiet)
+                        progress=not args.quiet, compile=args.compile, attn_implementation=args.attn_implementation)
     result = extract(cfg)
     rank, world, _ = _rank()
     print(result.summary(rank, world))
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pool", choices=POOLS, default="none", help="spatial pooling of the patch grid")
     e.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun / accelerate)")
     e.add_argument("--shard-size", type=int, default=256, help="images per shard (256 x CLIP-L bf16 = 290 MB)")
+    e.add_argument("--compile", action="store_true", help="torch.compile the tower (one-time cost, faster after)")
+    e.add_argument("--attn-implementation", choices=("sdpa", "eager", "native"), default=None,
+                   help="sdpa (default, matches transformers exactly); native: faster bf16 on CPUs, other rounding")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_extract)
 

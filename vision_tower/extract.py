@@ -53,6 +53,8 @@ class ExtractConfig:
     device: str = "cpu"
     shard_size: int = 256
     progress: bool = True
+    compile: bool = False  # torch.compile the tower: a one-time cost (~35 s for ViT-L on 2 CPU cores)
+    attn_implementation: str | None = None  # "native": ~1.1x faster bf16 on CPUs, rounds differently from SDPA
     extra_metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,7 +107,8 @@ def list_keys(images: str | os.PathLike, list_file: str | os.PathLike | None = N
 def safe_path(root: Path, key: str) -> Path | None:
     """root/key, or None when the key escapes the root (absolute, `..`, or a link out of it)."""
     pure = PurePosixPath(key)
-    if pure.is_absolute() or ".." in pure.parts or key.startswith("\\") or ":" in pure.parts[0]:
+    drive = len(key) >= 2 and key[1] == ":" and key[0].isalpha()  # C:/x.jpg, C:\x.jpg
+    if pure.is_absolute() or ".." in pure.parts or key.startswith("\\") or drive:
         return None
     path = root / pure
     try:
@@ -170,7 +173,8 @@ def weights_sha256(module: torch.nn.Module) -> str:
 def build_tower(cfg: ExtractConfig, device: str):
     from .tower import VisionTower
 
-    kw = dict(select_layer=cfg.layer, select_feature=cfg.feature, dtype=cfg.dtype, device=device)
+    kw = dict(select_layer=cfg.layer, select_feature=cfg.feature, dtype=cfg.dtype, device=device,
+              attn_implementation=cfg.attn_implementation)
     if cfg.random_init:
         return VisionTower.from_config(cfg.random_init, seed=cfg.seed, **kw)
     return VisionTower.from_pretrained(cfg.model, **kw)
@@ -201,6 +205,7 @@ def cache_metadata(cfg: ExtractConfig, tower, keys: Sequence[str], tokens: int, 
         "preprocess": {"mode": cfg.preprocess or parts[0].preprocess_config.default_mode,
                        "configs": [asdict(p.preprocess_config) for p in parts]},
         "layer": tower.select_layer, "feature": tower.select_feature, "pool": cfg.pool,
+        "attn_implementation": cfg.attn_implementation or "sdpa",
         "dtype": str(tower.dtype).removeprefix("torch."), "tokens": tokens, "channels": channels,
         "shard_size": cfg.shard_size, "num_keys": len(keys),
         "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(), **cfg.extra_metadata,
@@ -309,6 +314,8 @@ def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
     if not keys:
         raise ValueError(f"no images found under {root}" + (f" from {cfg.list}" if cfg.list else ""))
     tower = tower if tower is not None else build_tower(cfg, device)
+    if cfg.compile:
+        tower.compile()
     parts = list(tower.towers.values()) if hasattr(tower, "towers") else [tower]
     pool = _pool_fn(cfg.pool, 0 if tower.select_feature == "patch" else 1)
     with torch.inference_mode():  # one dummy image: the shape each row will have

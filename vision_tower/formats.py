@@ -329,3 +329,23 @@ def split_parts(keys: set[str], fmt: str) -> dict[str, str]:
             if i >= 0 and (i == 0 or k[i - 1] == ".") and part not in found:
                 found[part] = k[: i + len(marker)]
     return found
+
+
+def to_hf_clip(sd: Mapping[str, torch.Tensor], arch: ViTConfig) -> Tensors:
+    """Our CLIP weights -> a transformers `CLIPVisionModel` state dict (q, k, v split again; the
+    post-norm, which the tower never runs, set to identity)."""
+    out: Tensors = {"embeddings.class_embedding": sd["cls_token"].flatten(),
+                    "embeddings.patch_embedding.weight": sd["patch_embed.proj.weight"],
+                    "embeddings.position_embedding.weight": sd["pos_embed"][0],
+                    "pre_layrnorm.weight": sd["norm_pre.weight"], "pre_layrnorm.bias": sd["norm_pre.bias"],
+                    "post_layernorm.weight": torch.ones(arch.width), "post_layernorm.bias": torch.zeros(arch.width)}
+    for i in range(arch.depth):
+        src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
+        for ours, theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
+                             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            for t in ("weight", "bias"):
+                out[f"{dst}{theirs}.{t}"] = sd[f"{src}{ours}.{t}"]
+        for t in ("weight", "bias"):
+            for name, part in zip("qkv", sd[f"{src}attn.qkv.{t}"].chunk(3), strict=True):
+                out[f"{dst}self_attn.{name}_proj.{t}"] = part
+    return out

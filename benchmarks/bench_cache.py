@@ -1,0 +1,106 @@
+"""Row 5: random batches of 256 from a warm cache, vs one .npy / .pt file per image.
+
+    python -m benchmarks.bench_cache [--samples 1024] [--tokens 577] [--channels 1024]
+
+Features are CLIP-L/14@336 sized (577 x 1024 bf16 = 1.13 MiB). `get_many` gathers a contiguous
+(256, 577, 1024) batch (what training needs); `views` only looks up 256 zero-copy row views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import save, table
+
+
+def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int = 256) -> list[str]:
+    from vision_tower.cache import FORMAT, VERSION, ShardWriter, file_sha256, shard_name, write_json_atomic
+
+    (root / "shards").mkdir(parents=True)
+    keys = [f"{i // 1000:05d}/{i:09d}.jpg" for i in range(n)]
+    for s in range(0, n, shard_size):
+        w = ShardWriter(root / "shards" / f"{shard_name(s // shard_size)}.safetensors", tokens, channels, torch.bfloat16)
+        for lo in range(s, min(s + shard_size, n), 64):
+            hi = min(lo + 64, s + shard_size, n)
+            w.write(torch.arange(lo, hi, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, tokens, channels))
+        digest, nbytes = w.close()
+        assert digest == file_sha256(w.final)
+        write_json_atomic(root / "shards" / f"{shard_name(s // shard_size)}.json", {
+            "shard": s // shard_size, "file": w.final.name, "keys": keys[s : s + shard_size], "failures": {},
+            "sha256": digest, "bytes": nbytes})
+    write_json_atomic(root / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
+                                               "tokens": tokens, "channels": channels, "dtype": "bfloat16",
+                                               "tower": "synthetic", "layer": -2})
+    return keys
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from vision_tower.cache import FeatureCache
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=577)
+    p.add_argument("--channels", type=int, default=1024)
+    p.add_argument("--batches", type=int, default=8)
+    args = p.parse_args(argv)
+    rng = random.Random(0)
+    per_sample = args.tokens * args.channels * 2
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        keys = write_cache(tmp / "cache", args.samples, args.tokens, args.channels)
+        cache = FeatureCache(tmp / "cache")
+        (tmp / "npy").mkdir()
+        (tmp / "pt").mkdir()
+        for i, k in enumerate(keys):
+            row = cache[k]
+            np.save(tmp / "npy" / f"{i}.npy", row.view(torch.int16).numpy())  # numpy has no bf16
+            torch.save(row.clone(), tmp / "pt" / f"{i}.pt")
+        index = {k: i for i, k in enumerate(keys)}
+        batches = [rng.sample(keys, 256) for _ in range(args.batches)]
+
+        def via_cache(b):
+            return cache.get_many(b)
+
+        def via_views(b):
+            return [cache[k] for k in b]
+
+        def via_npy(b):
+            return torch.stack([torch.from_numpy(np.load(tmp / "npy" / f"{index[k]}.npy")).view(torch.bfloat16) for k in b])
+
+        def via_pt(b):
+            return torch.stack([torch.load(tmp / "pt" / f"{index[k]}.pt", weights_only=True) for k in b])
+
+        impls = {"FeatureCache.get_many (batch copy)": via_cache, "FeatureCache[key] (zero-copy views)": via_views,
+                 "one .npy per image (np.load + stack)": via_npy, "one .pt per image (torch.load + stack)": via_pt}
+        for f in impls.values():  # warm the page cache
+            for b in batches[:2]:
+                f(b)
+        for f in impls.values():
+            for b in batches:
+                f(b)
+        for name, f in impls.items():
+            t = time.perf_counter()
+            for b in batches:
+                out = f(b)
+            dt = time.perf_counter() - t
+            n = 256 * len(batches)
+            rows.append({"impl": name, "samples_per_s": n / dt, "GB_per_s": n * per_sample / dt / 1e9})
+            del out
+    base = next(r["samples_per_s"] for r in rows if r["impl"].startswith("one .npy"))
+    for r in rows:
+        r["vs_npy_files"] = r["samples_per_s"] / base
+    print(table(rows, ["impl", "samples_per_s", "GB_per_s", "vs_npy_files"]))
+    save("cache_cpu", rows, {"sample_bytes": per_sample})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
