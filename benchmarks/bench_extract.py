@@ -7,7 +7,6 @@ same batch, and peak RSS / time per image at 1x and 10x the images.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
