@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from vision_tower.extract import dist_env, fault_point
+
 from .modules import Projector, build_projector
 
 IGNORE_INDEX = -100
@@ -172,10 +174,6 @@ class AlignModel(nn.Module):
         return self.llm(inputs_embeds=inputs, attention_mask=attention, labels=target).loss
 
 
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def load_llm(cfg: AlignConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,15 +262,6 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _fault(step: int) -> None:
-    """Crash injection for the resume test: VISION_TOWER_FAULT=train_step:N kills the process after step N."""
-    name, _, at = os.environ.get("VISION_TOWER_FAULT", "").partition(":")
-    if name == "train_step" and at.isdigit() and step == int(at):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ------------------------------------------------------------------------------------------- the run
 def train(cfg: AlignConfig) -> AlignResult:
     """Run (or resume) stage-1 training; writes the outputs described in the README into `cfg.out`."""
@@ -281,7 +270,7 @@ def train(cfg: AlignConfig) -> AlignResult:
     from transformers import get_cosine_schedule_with_warmup
 
     start = time.perf_counter()
-    rank, world = _rank_world()
+    rank, world, _ = dist_env()
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise AlignError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}"
                          f" x {world} processes")
@@ -412,7 +401,7 @@ def train(cfg: AlignConfig) -> AlignResult:
                 if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                     _save_checkpoint(out, step, unwrapped, optimizer, scheduler, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
-            _fault(step)
+            fault_point("train_step", step)
             t0, seen, losses = time.perf_counter(), 0, []
     bar.close()
     result = AlignResult(steps=step, final_loss=loss_value, skipped=skipped, out=str(out))

@@ -63,7 +63,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .extract import ExtractConfig, _rank, extract
+    from .extract import ExtractConfig, dist_env, extract
 
     layer = args.layer[0] if len(args.layer) == 1 else args.layer
     cfg = ExtractConfig(images=args.images, out=args.out, list=args.list, model=None if args.random_init else args.model,
@@ -72,7 +72,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                         num_workers=args.num_workers, pool=args.pool, device=args.device, shard_size=args.shard_size,
                         progress=not args.quiet, compile=args.compile, attn_implementation=args.attn_implementation)
     result = extract(cfg)
-    rank, world, _ = _rank()
+    rank, world, _ = dist_env()
     print(result.summary(rank, world))
     for key, reason in list(result.failures.items())[:20]:
         print(f"failed: {key}: {reason}", file=sys.stderr)

@@ -156,7 +156,7 @@ def _collate(items: list) -> list:
 
 
 # ---------------------------------------------------------------------------------------- the run
-def _rank() -> tuple[int, int, int]:
+def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun / accelerate's environment; (0, 1, 0) alone."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -254,7 +254,7 @@ class _Writer(threading.Thread):
                     if shard not in self.open:
                         self.open[shard] = ShardWriter(self.dir / f"{shard_name(shard)}.safetensors", *self.shape, self.dtype)
                     self.open[shard].write(rest[0])
-                    _fault("rows", self.open[shard].n)
+                    fault_point("rows", self.open[shard].n)
                 else:
                     self._finish(shard, *rest)
         except BaseException as e:  # reported to the main thread at its next put/close
@@ -268,7 +268,7 @@ class _Writer(threading.Thread):
         if writer is not None:
             digest, nbytes = writer.close()
             file = writer.final.name
-        _fault("manifest", shard)
+        fault_point("manifest", shard)
         write_json_atomic(self.dir / f"{shard_name(shard)}.json", {
             "shard": shard, "file": file, "keys": keys, "failures": failures, "sha256": digest, "bytes": nbytes,
         })
@@ -280,10 +280,10 @@ class _Writer(threading.Thread):
             raise RuntimeError(f"the shard writer failed: {self.error}") from self.error
 
 
-def _fault(point: str, value: int) -> None:
+def fault_point(point: str, value: int) -> None:
     """Crash injection for the resume tests: VISION_TOWER_FAULT=rows:3 kills the process (SIGKILL) once
     a shard has >= 3 rows on disk; manifest:2 kills it after a shard >= 2 is renamed into place, before
-    its manifest is written."""
+    its manifest is written; train_step:10 kills stage-1 training after optimizer step 10."""
     spec = os.environ.get("VISION_TOWER_FAULT", "")
     name, _, at = spec.partition(":")
     if name == point and at.isdigit() and value >= int(at):
@@ -303,7 +303,7 @@ def _clean_shard(shard_dir: Path, shard: int) -> None:
 def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
     """Run (or resume) an extraction for this process's rank. Returns its counts."""
     start = time.perf_counter()
-    rank, world, local_rank = _rank()
+    rank, world, local_rank = dist_env()
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise ValueError(f"batch size and shard size must be >= 1; got {cfg.batch_size} and {cfg.shard_size}")
     if (cfg.model is None) == (cfg.random_init is None) and tower is None:
