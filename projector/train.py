@@ -16,11 +16,11 @@ the one-process gradient; a resumed run replays the same order from its step.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_tower.extract import dist_env, fault_point
 
+from .checkpoint import CheckpointMismatch, latest_checkpoint, load_checkpoint, projector_state, save_checkpoint
 from .modules import Projector, build_projector
 
 IGNORE_INDEX = -100
@@ -240,32 +241,46 @@ def _make_projector(cfg: AlignConfig, in_features: int, out_features: int, tower
                            select_feature=cfg.feature)
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(out: Path, step: int, model: AlignModel, optimizer, scheduler, keep: int) -> None:
-    from safetensors.torch import save_file
-
-    final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
-              str(tmp / "projector.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    os.replace(tmp, final)  # a checkpoint directory is complete or absent
-    for old in sorted((out / "checkpoints").glob("step-???????"))[:-keep]:
-        shutil.rmtree(old)
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = sorted((out / "checkpoints").glob("step-???????"))
-    return done[-1] if done else None
-
-
 # ------------------------------------------------------------------------------------------- the run
+def _accelerator(cfg: AlignConfig, accum: int, world: int):
+    """An Accelerator for this run, checked against it: the launch (DDP / FSDP / DeepSpeed, from
+    `accelerate launch` or its config) is the user's; micro batch, accumulation and clipping are the run's."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    kwargs: dict[str, Any] = {}
+    if not torch.cuda.is_available():
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # DeepSpeed on CPUs (the tests): accelerate only counts the processes when the backend is named
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:  # on CPUs accelerate only runs multi-process when told to; otherwise every rank would train alone
+            kwargs["cpu"] = True
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision="bf16" if cfg.bf16 else "no", **kwargs)
+    if accelerator.num_processes != world:
+        raise AlignError(f"launched as {world} processes but accelerate sees {accelerator.num_processes}; "
+                         "refusing to train unsynchronised copies")
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ours = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": accum,
+                "train_batch_size": cfg.batch_size, "gradient_clipping": cfg.max_grad_norm}
+        for key, value in ours.items():
+            if ds.get(key, "auto") == "auto":
+                ds[key] = value
+            elif ds[key] != value:
+                raise AlignError(f"the DeepSpeed config sets {key}={ds[key]!r} but this run needs {value!r} (from "
+                                 f"--batch-size / --micro-batch-size / processes); set it to \"auto\" or remove it")
+        if "optimizer" in ds or "scheduler" in ds:
+            raise AlignError("the DeepSpeed config defines an optimizer or scheduler; remove them: the run uses "
+                             "AdamW with a cosine schedule from its own options (--lr, --warmup-ratio)")
+    if accelerator.gradient_accumulation_steps != accum:
+        raise AlignError(f"accelerate was launched with gradient accumulation {accelerator.gradient_accumulation_steps}"
+                         f", but --batch-size {cfg.batch_size} / (--micro-batch-size {cfg.micro_batch_size} x {world} "
+                         f"processes) needs {accum}; drop --gradient_accumulation_steps from the launch")
+    return accelerator
+
+
 def train(cfg: AlignConfig) -> AlignResult:
     """Run (or resume) stage-1 training; writes the outputs described in the README into `cfg.out`."""
-    from accelerate import Accelerator
     from tqdm import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -275,22 +290,17 @@ def train(cfg: AlignConfig) -> AlignResult:
         raise AlignError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}"
                          f" x {world} processes")
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    if cfg.save_every < 0 or cfg.keep_checkpoints < 1:
+        raise AlignError(f"--save-every must be >= 0 (got {cfg.save_every}) and --keep-checkpoints >= 1 "
+                         f"(got {cfg.keep_checkpoints})")
     # Each call configures its own run (precision, accumulation): reset accelerate's per-run singleton, keeping
     # the process group, so a notebook or test can call train() again with other settings.
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    # On CPUs accelerate only runs multi-process when told to (cpu=True); otherwise every rank would train alone.
-    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision="bf16" if cfg.bf16 else "no",
-                              cpu=not torch.cuda.is_available())
-    if accelerator.num_processes != world:
-        raise AlignError(f"launched as {world} processes but accelerate sees {accelerator.num_processes}; "
-                         "refusing to train unsynchronised copies")
-    sharded = accelerator.distributed_type.name in ("DEEPSPEED", "FSDP")
-    if sharded and (cfg.save_every or cfg.resume):
-        raise AlignError(f"step checkpoints and --resume are implemented for single-process and DDP runs; under "
-                         f"{accelerator.distributed_type.name} pass --save-every 0 (the final save gathers the weights)")
+    accelerator = _accelerator(cfg, accum, world)
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
@@ -298,7 +308,7 @@ def train(cfg: AlignConfig) -> AlignResult:
     records = read_records(cfg.data)
     cache, tower, width = _vision_source(cfg)
     llm, tokenizer = load_llm(cfg)
-    hidden = llm.get_input_embeddings().weight.shape[1]
+    hidden = llm.get_input_embeddings().embedding_dim  # not weight.shape: ZeRO-3 loads partitioned (empty) weights
     projector = _make_projector(cfg, width, hidden, cache.metadata["tower"] if cache else tower.name)
     n_image = cache.tokens if cache is not None else tower.num_tokens
 
@@ -332,21 +342,21 @@ def train(cfg: AlignConfig) -> AlignResult:
     steps_per_epoch = len(samples) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
 
+    final_projector = copy.deepcopy(projector)  # whole fp32 tensors for the final save (ZeRO-3 partitions the live one)
+    if deepspeed and cfg.bf16:
+        # DeepSpeed keeps the fp32 master weights in its optimizer and computes with bf16 parameters; ZeRO-3 leaves
+        # modules it finds partitioned already (the LLM, loaded under zero.Init) uncast, so cast the projector here
+        projector.to(torch.bfloat16)
     model = AlignModel(llm, projector, tokenizer.bos_token_id)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    step = 0
-    if cfg.resume and (ckpt := _latest_checkpoint(out)) is not None:
-        from safetensors.torch import load_file
-
-        projector.load_state_dict(load_file(str(ckpt / "projector.safetensors")))
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        random.setstate(state["python_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
+    step = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        try:
+            step = load_checkpoint(ckpt, model, projector, optimizer, scheduler, deepspeed)
+        except CheckpointMismatch as e:
+            raise AlignError(f"--resume: {e}") from e
     unwrapped: AlignModel = accelerator.unwrap_model(model)
 
     if accelerator.is_main_process:
@@ -374,11 +384,13 @@ def train(cfg: AlignConfig) -> AlignResult:
             if tower is not None:
                 with torch.no_grad():
                     vision = tower(vision)  # (B, T, C), frozen tower online
-            if not cfg.bf16:
-                vision = vision.float()  # an fp32 run: bf16 cache features are cast here, once, on purpose
+            # the run's precision, set here once and on purpose: a bf16 cache feeds an fp32 run as fp32, and
+            # DeepSpeed's bf16 engine (bf16 parameters, no autocast) gets bf16 features
+            vision = vision.to(torch.bfloat16 if cfg.bf16 else torch.float32)
             with accelerator.accumulate(model):
                 loss = model(vision, micro["ids"].to(accelerator.device), micro["mask"].to(accelerator.device))
                 accelerator.backward(loss)
+                # DeepSpeed clips inside its step (config `gradient_clipping`) and reports the norm here
                 grad_norm = accelerator.clip_grad_norm_(unwrapped.projector.parameters(), cfg.max_grad_norm) \
                     if accelerator.sync_gradients else None
                 optimizer.step()
@@ -393,28 +405,29 @@ def train(cfg: AlignConfig) -> AlignResult:
             elapsed = time.perf_counter() - t0
             if accelerator.is_main_process:
                 entry = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                         "grad_norm": float(grad_norm), "samples_per_s": seen * world / max(elapsed, 1e-9)}
+                         "grad_norm": None if grad_norm is None else float(grad_norm),
+                         "samples_per_s": seen * world / max(elapsed, 1e-9)}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(entry) + "\n")
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
                 bar.update(1)
-                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                    _save_checkpoint(out, step, unwrapped, optimizer, scheduler, cfg.keep_checkpoints)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:  # collective
+                save_checkpoint(out, step, model, unwrapped.projector, optimizer, scheduler, deepspeed,
+                                cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
             fault_point("train_step", step)
             t0, seen, losses = time.perf_counter(), 0, []
     bar.close()
     result = AlignResult(steps=step, final_loss=loss_value, skipped=skipped, out=str(out))
-    state = accelerator.get_state_dict(model)  # gathered under ZeRO-3 / FSDP: no empty tensors
+    state = projector_state(model, unwrapped.projector, deepspeed)  # collective: whole fp32 tensors on rank 0
     if accelerator.is_main_process:
-        final = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
-        projector.load_state_dict(final)
-        projector.save_pretrained(out / "projector")
-        if isinstance(cfg.layer, int) and projector.kind not in ("fused_gelu_mlp", "identity"):
-            projector.export_llava(out, select_layer=cfg.layer, select_feature=cfg.feature)
+        final_projector.load_state_dict(state)
+        final_projector.save_pretrained(out / "projector")
+        if isinstance(cfg.layer, int) and final_projector.kind not in ("fused_gelu_mlp", "identity"):
+            final_projector.export_llava(out, select_layer=cfg.layer, select_feature=cfg.feature)
         else:
             print(f"no mm_projector.bin: LLaVA takes one vision layer and linear / mlpNx_gelu projectors "
-                  f"(this run: layer {cfg.layer}, {projector.kind}); the projector is in {out / 'projector'}")
+                  f"(this run: layer {cfg.layer}, {final_projector.kind}); the projector is in {out / 'projector'}")
         plot_loss(log_path, out / "loss.png")
     accelerator.wait_for_everyone()
     result.seconds = time.perf_counter() - start

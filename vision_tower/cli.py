@@ -109,11 +109,18 @@ def cmd_align(args: argparse.Namespace) -> int:
         lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_length=args.max_length, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resume=args.resume,
-        save_every=args.save_every, pad_token=args.pad_token, num_workers=args.num_workers, progress=not args.quiet,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, max_grad_norm=args.max_grad_norm,
+        pad_token=args.pad_token, num_workers=args.num_workers, progress=not args.quiet,
     )
     result = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(result.summary())
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # after a successful run only (a failed rank must not wait on the others): without it, gloo's worker
+        # threads can abort the interpreter's exit with SIGABRT (pytorch/pytorch#190489)
+        dist.destroy_process_group()
     return 0
 
 
@@ -188,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--gradient-checkpointing", action="store_true")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    a.add_argument("--save-every", type=int, default=500, help="optimizer steps between checkpoints")
+    a.add_argument("--save-every", type=int, default=500, help="optimizer steps between checkpoints (0: none)")
+    a.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
     a.add_argument("--pad-token", help="set the tokenizer's pad token when it has none (LLaVA: the unk token)")
     a.add_argument("--num-workers", type=int, default=2)
     a.add_argument("-q", "--quiet", action="store_true")
