@@ -333,10 +333,7 @@ def train(cfg: AlignConfig) -> AlignResult:
 
     prep = None
     if tower is not None:
-        from vision_tower.extract import _Preprocessor
-
-        parts = list(tower.towers.values()) if hasattr(tower, "towers") else [tower]
-        prep = _Preprocessor([p.preprocess_config for p in parts], None)
+        prep = tower.transform()  # the checkpoint's own preprocessing, one image per DataLoader item
         tower.to(accelerator.device)
     dataset = AlignDataset(samples, cache=cache, images=Path(cfg.images) if cfg.images else None, prep=prep)
     steps_per_epoch = len(samples) // cfg.batch_size

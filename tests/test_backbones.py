@@ -1,6 +1,7 @@
 """SigLIP, DINOv2-reg and the fused tower, against transformers, timm and open_clip on the same weights."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -331,6 +332,13 @@ def test_fused_preprocessing_stacks_each_parts_own(tmp_path):
     assert dino_pre.mean == (0.485, 0.456, 0.406) and siglip_pre.mean == (0.5, 0.5, 0.5)
     assert dino_pre.default_mode == siglip_pre.default_mode == "squash"  # OpenVLA's resize-naive
     assert tower(x).shape == (2, 256, 2176)
+    # the per-image form DataLoader workers use (extract, online training) gives the same pixels
+    transform = pickle.loads(pickle.dumps(tower.transform()))
+    assert torch.equal(torch.stack([transform(p) for p in PHOTOS[:2]]), x)
+    pad = tower.towers["siglip"].transform("pad")
+    assert torch.equal(pad(PHOTOS[0]), tower.towers["siglip"].preprocess(PHOTOS[0], "pad")[0])
+    with pytest.raises(ValueError, match="preprocess mode 'zoom' is not one of"):
+        tower.transform("zoom")
 
 
 def test_fused_registry_entry():

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import FORMAT, VERSION, CacheError, FeatureCache, ShardWriter, shard_name, write_json_atomic
-from .preprocess import ImageLoadError, Mode, PreprocessConfig, load_image, transform
+from .preprocess import ImageLoadError, Mode
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 POOLS = ("none", "avg2", "max2", "bilinear2", "avg3", "max3", "avg4", "max4")
@@ -118,17 +118,6 @@ def safe_path(root: Path, key: str) -> Path | None:
     return path
 
 
-class _Preprocessor:
-    """Picklable image -> pixels for DataLoader workers: each part's transform, stacked on channels."""
-
-    def __init__(self, configs: Sequence[PreprocessConfig], mode: Mode | None) -> None:
-        self.configs, self.mode = list(configs), mode
-
-    def __call__(self, path: Path) -> torch.Tensor:
-        img = load_image(path)
-        return torch.cat([transform(img, c, self.mode) for c in self.configs], dim=0)  # (3 * parts, S, S)
-
-
 class _Images(Dataset):
     def __init__(self, root: Path, keys: Sequence[str], prep: Callable[[Path], torch.Tensor]) -> None:
         self.root, self.keys, self.prep = root, keys, prep
@@ -195,15 +184,14 @@ def cache_metadata(cfg: ExtractConfig, tower, keys: Sequence[str], tokens: int, 
     """Everything that changes the features or the shard layout. Equal metadata = compatible runs."""
     from . import __version__
 
-    parts = list(tower.towers.values()) if hasattr(tower, "towers") else [tower]
+    configs = tower.transform().configs  # one per part of a fused tower
     return {
         "format": FORMAT, "version": VERSION, "library_version": __version__,
         "model": cfg.model if not cfg.random_init else None, "random_init": cfg.random_init,
         "seed": cfg.seed if cfg.random_init else None,
         "revision": getattr(tower, "revision", None), "weights_sha256": weights_sha256(tower),
         "tower": tower.name, "family": tower.family, "image_size": tower.image_size,
-        "preprocess": {"mode": cfg.preprocess or parts[0].preprocess_config.default_mode,
-                       "configs": [asdict(p.preprocess_config) for p in parts]},
+        "preprocess": {"mode": cfg.preprocess or configs[0].default_mode, "configs": [asdict(c) for c in configs]},
         "layer": tower.select_layer, "feature": tower.select_feature, "pool": cfg.pool,
         "attn_implementation": cfg.attn_implementation or "sdpa",
         "dtype": str(tower.dtype).removeprefix("torch."), "tokens": tokens, "channels": channels,
@@ -316,10 +304,10 @@ def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
     tower = tower if tower is not None else build_tower(cfg, device)
     if cfg.compile:
         tower.compile()
-    parts = list(tower.towers.values()) if hasattr(tower, "towers") else [tower]
+    prep = tower.transform(cfg.preprocess)
     pool = _pool_fn(cfg.pool, 0 if tower.select_feature == "patch" else 1)
     with torch.inference_mode():  # one dummy image: the shape each row will have
-        probe = tower(torch.zeros(1, 3 * len(parts), tower.image_size, tower.image_size, device=tower.device))
+        probe = tower(torch.zeros(1, 3 * len(prep.configs), tower.image_size, tower.image_size, device=tower.device))
         probe = pool(probe) if pool else probe
     tokens, channels = probe.shape[1:]
 
@@ -344,7 +332,6 @@ def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
                for lo in range(lo, hi, cfg.batch_size)]
     total = sum(len(b) for b in batches)
 
-    prep = _Preprocessor([p.preprocess_config for p in parts], cfg.preprocess)
     loader = DataLoader(_Images(root, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
                         collate_fn=_collate, pin_memory=str(device).startswith("cuda"),
                         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)

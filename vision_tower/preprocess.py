@@ -226,6 +226,21 @@ def preprocess(images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig,
     return torch.stack([transform(load_image(im), cfg, mode) for im in images])
 
 
+class ImageTransform:
+    """One image (path, PIL, array) -> pixels, for DataLoader workers (picklable): each config's
+    transform, stacked on channels, so a fused tower's parts get (3 * parts, S, S) as OpenVLA does.
+    `tower.transform(mode)` gives the one that belongs to a tower."""
+
+    def __init__(self, configs: Sequence[PreprocessConfig], mode: Mode | None = None) -> None:
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"preprocess mode {mode!r} is not one of {MODES}")
+        self.configs, self.mode = list(configs), mode
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        img = load_image(image)
+        return torch.cat([transform(img, c, self.mode) for c in self.configs], dim=0)  # (3 * parts, S, S)
+
+
 class ImageProcessor:
     """A drop-in for transformers' `CLIPImageProcessor` where LLaVA code uses one.
 

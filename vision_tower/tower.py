@@ -13,7 +13,7 @@ from torch import nn
 
 from . import checkpoints as ck
 from . import formats as fm
-from .preprocess import ImageInput, ImageProcessor, Mode, PreprocessConfig, preprocess
+from .preprocess import ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, preprocess
 from .registry import (
     DEFAULT_TOWER, REGISTRY, FusedSpec, TowerSpec, family_preprocess, get_spec, match_spec, spec_for_hub_id, with_arch,
 )
@@ -296,6 +296,10 @@ class VisionTower(_Frozen):
         """The checkpoint's own preprocessing: images -> (B, 3, S, S) float32 on the CPU."""
         return preprocess(images, self.preprocess_config, mode)
 
+    def transform(self, mode: Mode | None = None) -> ImageTransform:
+        """The same preprocessing for one image at a time, picklable for DataLoader workers: -> (3, S, S)."""
+        return ImageTransform([self.preprocess_config], mode)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels -> (B, num_tokens, hidden_size) in the tower's dtype."""
         S = self.image_size
@@ -473,6 +477,10 @@ class FusedVisionTower(_Frozen):
     def preprocess(self, images: ImageInput | Sequence[ImageInput], mode: Mode | None = None) -> torch.Tensor:
         """Each part's own preprocessing, stacked on channels as OpenVLA does: (B, 3 * parts, S, S)."""
         return torch.cat([t.preprocess(images, mode) for t in self.towers.values()], dim=1)
+
+    def transform(self, mode: Mode | None = None) -> ImageTransform:
+        """Each part's preprocessing for one image, stacked on channels: -> (3 * parts, S, S)."""
+        return ImageTransform([t.preprocess_config for t in self.towers.values()], mode)
 
     def forward(self, pixel_values: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]) -> torch.Tensor:
         names = list(self.towers)
