@@ -272,11 +272,21 @@ def _accelerator(cfg: AlignConfig, accum: int, world: int):
         if "optimizer" in ds or "scheduler" in ds:
             raise AlignError("the DeepSpeed config defines an optimizer or scheduler; remove them: the run uses "
                              "AdamW with a cosine schedule from its own options (--lr, --warmup-ratio)")
+    if accelerator.distributed_type.name == "FSDP":
+        check_fsdp_plugin(accelerator.state.fsdp_plugin)
     if accelerator.gradient_accumulation_steps != accum:
         raise AlignError(f"accelerate was launched with gradient accumulation {accelerator.gradient_accumulation_steps}"
                          f", but --batch-size {cfg.batch_size} / (--micro-batch-size {cfg.micro_batch_size} x {world} "
                          f"processes) needs {accum}; drop --gradient_accumulation_steps from the launch")
     return accelerator
+
+
+def check_fsdp_plugin(plugin) -> None:
+    """FSDP1 flattens each wrapped unit into one tensor with one requires_grad, and the root unit holds both
+    frozen LLM parameters (embeddings, final norm) and the trainable projector: it needs use_orig_params."""
+    if plugin.fsdp_version == 1 and not plugin.use_orig_params:
+        raise AlignError("FSDP1 needs use_orig_params, as the frozen LLM and the trainable projector share its root "
+                         "unit: set fsdp_use_orig_params: true in the accelerate config, or use fsdp_version: 2")
 
 
 def train(cfg: AlignConfig) -> AlignResult:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from projector import Projector
-from projector.train import AlignConfig, AlignError, micro_batches, train
+from projector.train import AlignConfig, AlignError, check_fsdp_plugin, micro_batches, train
 from vision_tower.extract import ExtractConfig, extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,3 +304,13 @@ def test_deepspeed_zero2_and_zero3_match_one_process_and_zero3_resumes(world, tm
     gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(log(tmp_path / "one-bf16"), log(tmp_path / "zero3-bf16"),
                                                          strict=True)]
     assert max(gaps) < 0.1, gaps  # bf16 rounding apart (measured 0.04); the loss falls from 4.1 to 1.6
+
+
+def test_fsdp1_without_use_orig_params_is_refused_before_training():
+    """accelerate runs FSDP on GPUs only; the plugin check is what a GPU run would hit first."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    with pytest.raises(AlignError, match="FSDP1 needs use_orig_params"):
+        check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=1))
+    check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True))
+    check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2))
