@@ -214,6 +214,11 @@ def test_reader_views_batches_workers_and_verify(reference_cache, tmp_path):
     torch.testing.assert_close(cls[key], cache[key][:1])
     keys = cache.keys()[::-3]  # across shards, out of order
     torch.testing.assert_close(cache.get_many(keys), torch.stack([cache[k] for k in keys]))
+    out = torch.full((len(keys) - 1, patch.tokens, 32), float("nan"))  # one reused buffer, patch view of cls_patch
+    for batch in (keys[:-1], keys[1:]):
+        assert patch.get_many(batch, out=out) is out and torch.equal(out, torch.stack([patch[k] for k in batch]))
+    with pytest.raises(ValueError, match=r"out= must be a contiguous \(5, 5, 32\) torch.float32 tensor; got \(5, 4, 32\)"):
+        cache.get_many(keys[:5], out=out[:5])
     loader = torch.utils.data.DataLoader(patch.dataset(), batch_size=4, num_workers=2)
     seen = {k: v for ks, vs in loader for k, v in zip(ks, vs, strict=True)}
     assert set(seen) == set(cache.keys()) and torch.equal(seen[key], patch[key])
@@ -298,3 +303,14 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
         peaks.append(int(proc.stdout.split()[-1]))
     assert len(FeatureCache(tmp_path / "c320")) == 320
     assert peaks[1] - peaks[0] < 60, peaks  # MiB
+
+
+def test_large_batches_get_fresh_memory_that_lives_as_long_as_the_tensor():
+    import gc
+
+    from vision_tower.cache import _empty_batch
+
+    batch = _empty_batch((4, 577, 1024), torch.bfloat16)  # 4.7 MB: huge-page-advised anonymous memory
+    gc.collect()  # the mapping must be held by the tensor, not by a local that is gone
+    batch.fill_(1.5)
+    assert batch.is_contiguous() and batch.shape == (4, 577, 1024) and batch.float().sum().item() == 1.5 * batch.numel()
