@@ -140,8 +140,13 @@ class _Images(Dataset):
             return i, None, f"cannot preprocess {str(path)!r}: {type(e).__name__}: {e}"
 
 
-def _collate(items: list) -> list:
-    return items
+def _collate(items: list) -> dict[str, Any]:
+    """Stacked in the worker, so the DataLoader pins one batch tensor and the host-to-device copy can be
+    asynchronous; failed items travel as (index, reason)."""
+    ok = [(i, px) for i, px, _ in items if px is not None]
+    return {"index": [i for i, _, _ in items], "ok": [i for i, _ in ok],
+            "pixels": torch.stack([px for _, px in ok]) if ok else None,  # (B, 3 * parts, S, S)
+            "errors": [(i, err) for i, _, err in items if err is not None]}
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -213,6 +218,18 @@ def _check_or_write_metadata(out: Path, meta: dict[str, Any]) -> None:
     write_json_atomic(path, meta)  # every rank writes the same content; the rename makes it atomic
 
 
+def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Features on the CPU, and on CUDA an event to wait for: the copy goes to pinned memory without
+    blocking, so the GPU computes the next batch while this one crosses and the writer thread waits."""
+    if feats.device.type != "cuda":
+        return feats.cpu(), None
+    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+    host.copy_(feats, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
 class _Writer(threading.Thread):
     """Owns all shard I/O: rows stream into the shard file; `finish` closes, hashes, renames and
     commits the manifest. A bounded queue keeps memory to a few batches."""
@@ -239,9 +256,12 @@ class _Writer(threading.Thread):
             while (item := self.q.get()) is not None:
                 kind, shard, *rest = item
                 if kind == "rows":
+                    rows, copied = rest
+                    if copied is not None:
+                        copied.synchronize()  # the asynchronous device-to-host copy has landed
                     if shard not in self.open:
                         self.open[shard] = ShardWriter(self.dir / f"{shard_name(shard)}.safetensors", *self.shape, self.dtype)
-                    self.open[shard].write(rest[0])
+                    self.open[shard].write(rows)
                     fault_point("rows", self.open[shard].n)
                 else:
                     self._finish(shard, *rest)
@@ -345,27 +365,25 @@ def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
 
     bar = tqdm(total=total, unit="img", desc=f"extract{f' rank {rank}' if world > 1 else ''}", disable=not cfg.progress)
     try:
-        for items in loader:
-            shard = items[0][0] // cfg.shard_size
-            ok = [(i, px) for i, px, _ in items if px is not None]
-            for i, _, err in items:
-                if err is not None:
-                    shard_fail.setdefault(shard, {})[keys[i]] = err
-                    result.failures[keys[i]] = err
-            if ok:
-                pixels = torch.stack([px for _, px in ok]).to(tower.device, non_blocking=True)  # (B, 3 * parts, S, S)
+        for batch in loader:
+            shard = batch["index"][0] // cfg.shard_size
+            for i, err in batch["errors"]:
+                shard_fail.setdefault(shard, {})[keys[i]] = err
+                result.failures[keys[i]] = err
+            if batch["ok"]:
+                pixels = batch["pixels"].to(tower.device, non_blocking=True)  # (B, 3 * parts, S, S), pinned on CUDA
                 with torch.inference_mode():
                     feats = tower(pixels)  # (B, T, C)
                     feats = pool(feats) if pool else feats
-                writer.put(("rows", shard, feats.to("cpu")))
-                shard_keys.setdefault(shard, []).extend(keys[i] for i, _ in ok)
-            remaining[shard] -= len(items)
+                writer.put(("rows", shard, *_to_host(feats)))
+                shard_keys.setdefault(shard, []).extend(keys[i] for i in batch["ok"])
+            remaining[shard] -= len(batch["index"])
             if remaining[shard] == 0:
                 writer.put(("finish", shard, shard_keys.pop(shard, []), shard_fail.pop(shard, {})))
                 result.written_shards += 1
-            result.done += len(ok)
-            result.failed += len(items) - len(ok)
-            bar.update(len(items))
+            result.done += len(batch["ok"])
+            result.failed += len(batch["errors"])
+            bar.update(len(batch["index"]))
             bar.set_postfix(failed=result.failed, refresh=False)
     finally:
         bar.close()
