@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--data", str(world / "data.json"), "--llm", str(world / "llm"), "--cache", str(world / "cache"),
               "--batch-size", "32", "--micro-batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--num-workers", "0",
-              "--save-every", "0", "-q"]
+              "--save-every", "3", "-q"]
     one = subprocess.run([sys.executable, "-m", "vision_tower", "align", *common, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert one.returncode == 0, one.stderr
@@ -173,6 +174,17 @@ def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     la, lb = log(tmp_path / "one"), log(tmp_path / "two")
     assert len(la) == len(lb) == 12
     assert abs(la[0]["loss"] - lb[0]["loss"]) < 1e-5
+
+    # The DDP run's step-9 checkpoint (whole tensors, named by parameter) resumes in one process.
+    shutil.copytree(tmp_path / "two" / "checkpoints", tmp_path / "two-then-one" / "checkpoints")
+    resumed = subprocess.run([sys.executable, "-m", "vision_tower", "align", *common, "--out",
+                              str(tmp_path / "two-then-one"), "--resume"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [e["step"] for e in log(tmp_path / "two-then-one")] == [10, 11, 12]
+    c = projector_weights(tmp_path / "two-then-one")
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], rtol=1e-4, atol=1e-5)
 
 
 def test_micro_batches_split_the_same_global_batches_across_ranks():
