@@ -13,7 +13,8 @@ number of processes: a DDP run can resume under FSDP on another process count. D
 its fp32 master weights and optimizer state per rank; those are restored by the engine (same
 process count), as HF Trainer does. The `.pt` files are `torch.save`d and read with `weights_only=True`.
 
-Every function here is collective: all ranks call it, rank 0 writes.
+Every function here is collective: all ranks call it, rank 0 writes. Tested on CPUs (gloo) with no
+wrapper, DDP, FSDP2 and DeepSpeed ZeRO-2/3; FSDP1 refuses CPUs, so its path (the same torch API) is not.
 """
 
 from __future__ import annotations
