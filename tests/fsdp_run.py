@@ -22,6 +22,7 @@ from projector import build_projector
 from projector.checkpoint import latest_checkpoint, load_checkpoint, projector_state, save_checkpoint
 from projector.train import AlignModel
 from vision_tower.cache import FeatureCache
+from vision_tower.extract import leave_process_group
 
 STEPS, CUT, GLOBAL = 6, 3, 8
 
@@ -65,8 +66,7 @@ def main(world: Path, out: Path, wrap: str, mode: str) -> None:
     state = projector_state(model, model.projector, deepspeed=False)
     if rank == 0 and mode != "cut":
         save_file(state, str(out / "final.safetensors"))
-    if distributed:
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -115,12 +115,9 @@ def cmd_align(args: argparse.Namespace) -> int:
     result = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0:
         print(result.summary())
-    import torch.distributed as dist
+    from .extract import leave_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        # after a successful run only (a failed rank must not wait on the others): without it, gloo's worker
-        # threads can abort the interpreter's exit with SIGABRT (pytorch/pytorch#190489)
-        dist.destroy_process_group()
+    leave_process_group(0)  # after success only: a failed rank must not wait on the others
     return 0
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -286,6 +287,22 @@ class _Writer(threading.Thread):
         self.join()
         if self.error is not None:
             raise RuntimeError(f"the shard writer failed: {self.error}") from self.error
+
+
+def leave_process_group(code: int = 0) -> None:
+    """End a successful multi-process run: destroy the process group, flush, and exit without the
+    interpreter's teardown. Objects still holding the group (FSDP meshes, accelerate's state) are
+    otherwise destroyed during teardown, where gloo's threads abort the process now and then
+    (SIGABRT, "terminate called without an active exception": pytorch/pytorch#190489), turning a
+    finished run into a failed launch. Does nothing outside a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def fault_point(point: str, value: int) -> None:
