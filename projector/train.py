@@ -12,6 +12,9 @@ Data order is a pure function of (seed, epoch): each epoch's permutation is cut 
 each global batch into micro-batches, and rank r takes micro-batches m % world == r. A one-process
 run and an N-process run therefore see the same micro-batches, and DDP's gradient mean reproduces
 the one-process gradient; a resumed run replays the same order from its step.
+
+The launch decides the wrapping (DDP, FSDP, DeepSpeed ZeRO from `accelerate launch` or its config);
+`projector.checkpoint` saves and restores the projector's state under each of them.
 """
 
 from __future__ import annotations
