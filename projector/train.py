@@ -81,10 +81,12 @@ class AlignResult:
     skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     out: str = ""
+    samples: int = 0  # trained on in this run (a resumed run counts from where it started)
 
     def summary(self) -> str:
         skipped = ", ".join(f"{v} {k}" for k, v in self.skipped.items() if v) or "none"
-        return (f"trained {self.steps} steps in {self.seconds:.1f} s, final loss {self.final_loss:.4f}; "
+        return (f"trained {self.steps} steps in {self.seconds:.1f} s ({self.samples} samples, "
+                f"{self.samples / max(self.seconds, 1e-9):.1f} samples/s), final loss {self.final_loss:.4f}; "
                 f"skipped samples: {skipped}; outputs in {self.out}")
 
 
@@ -362,7 +364,7 @@ def train(cfg: AlignConfig) -> AlignResult:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:  # sets step
         try:
             step = load_checkpoint(ckpt, model, projector, optimizer, scheduler, deepspeed)
         except CheckpointMismatch as e:
@@ -377,6 +379,7 @@ def train(cfg: AlignConfig) -> AlignResult:
     log_path = out / "log.jsonl"
     if accelerator.is_main_process and step == 0:
         log_path.unlink(missing_ok=True)
+    first_step = step
     bar = tqdm(total=total_steps, initial=step, unit="step", desc="align",
                disable=not (cfg.progress and accelerator.is_main_process))
     loss_value = float("nan")
@@ -428,7 +431,8 @@ def train(cfg: AlignConfig) -> AlignResult:
             fault_point("train_step", step)
             t0, seen, losses = time.perf_counter(), 0, []
     bar.close()
-    result = AlignResult(steps=step, final_loss=loss_value, skipped=skipped, out=str(out))
+    result = AlignResult(steps=step, final_loss=loss_value, skipped=skipped, out=str(out),
+                         samples=(step - first_step) * cfg.batch_size)
     state = projector_state(model, unwrapped.projector, deepspeed)  # collective: whole fp32 tensors on rank 0
     if accelerator.is_main_process:
         final_projector.load_state_dict(state)
