@@ -128,9 +128,8 @@ def _open_rows(path: Path) -> torch.Tensor:
         n, T, C = info["shape"]
         if n == 0:
             return torch.empty(0, T, C, dtype=dtype)
-        # Private (copy-on-write) and prefaulted: rows are read without a page fault each.
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Private (copy-on-write), read lazily: opening a shard for one row must not read all of it.
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     start = 8 + header_len + info["data_offsets"][0]
     return torch.frombuffer(mm, dtype=dtype, count=n * T * C, offset=start).view(n, T, C)
 
