@@ -73,12 +73,11 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, projector: nn.Module
     optim_state = None
     if deepspeed:  # each rank writes its own partition of the optimizer state
         model.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
-        weights = projector_state(model, projector, deepspeed=True)
     else:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        weights, optim_state = get_state_dict(model, _inner(optimizer), options=_options(cpu_offload=True))
-        weights = {k.removeprefix(PREFIX): v for k, v in weights.items() if k.startswith(PREFIX)}
+        optim_state = get_optimizer_state_dict(model, _inner(optimizer), options=_options(cpu_offload=True))
+    weights = projector_state(model, projector, deepspeed)
     if _rank() == 0:
         from safetensors.torch import save_file
 

@@ -364,7 +364,7 @@ def train(cfg: AlignConfig) -> AlignResult:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:  # sets step
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
         try:
             step = load_checkpoint(ckpt, model, projector, optimizer, scheduler, deepspeed)
         except CheckpointMismatch as e:

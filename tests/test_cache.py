@@ -303,4 +303,3 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
         peaks.append(int(proc.stdout.split()[-1]))
     assert len(FeatureCache(tmp_path / "c320")) == 320
     assert peaks[1] - peaks[0] < 60, peaks  # MiB
-
