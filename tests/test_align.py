@@ -215,6 +215,8 @@ def test_problems_are_reported_before_training(world, tmp_path):
         train(config(world, tmp_path / "c", layer=-1))
     with pytest.raises(AlignError, match="not a multiple of --micro-batch-size"):
         train(config(world, tmp_path / "d", batch_size=30))
+    with pytest.raises(AlignError, match=r"--keep-checkpoints >= 1 \(got 0\)"):
+        train(config(world, tmp_path / "d", keep_checkpoints=0))
     other = Projector("mlp2x_gelu", 32, 48)
     other.save_pretrained(tmp_path / "p48")
     with pytest.raises(AlignError, match="maps 32 -> 48.*hidden size is 64"):
@@ -308,6 +310,17 @@ def test_deepspeed_zero2_and_zero3_match_one_process_and_zero3_resumes(world, tm
 
     with pytest.raises(AlignError, match="written DeepSpeed and this run is without DeepSpeed"):
         train(config(world, cut, epochs=2, save_every=3, resume=True))
+
+    # A DeepSpeed config that contradicts the run's batch is refused before training, by name.
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4}))
+    refused = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+                              "--deepspeed_config_file", str(tmp_path / "ds.json"), "--num_processes", "2",
+                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                              "vision_tower", "align", *common, "--out", str(tmp_path / "refused")],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode != 0
+    assert "the DeepSpeed config sets train_micro_batch_size_per_gpu=4 but this run needs 8" in refused.stderr
+    assert not (tmp_path / "refused" / "log.jsonl").exists()
 
     # bf16: DeepSpeed computes with bf16 parameters (ZeRO-3 included) and saves its fp32 master weights
     run_ok([sys.executable, "-m", "vision_tower", "align", *common, "--bf16", "--out", str(tmp_path / "one-bf16")])
