@@ -93,6 +93,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(clip_vision_dir, pixels
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_inference_path_matches_the_autograd_path_bit_for_bit(clip_vision_dir, pixels):
+    """Without autograd the blocks reuse their own buffers in place (QuickGELU, residual adds);
+    that must change no bit, and no hidden state already handed out may be overwritten."""
+    path, _ = clip_vision_dir
+    tower = VisionTower.from_pretrained(path, select_layer=[1, 2, 3], select_feature="cls_patch")
+    with torch.inference_mode():
+        fast = tower(pixels)
+    tower.unfreeze()
+    slow = tower(pixels)
+    assert slow.requires_grad
+    assert torch.equal(fast, slow.detach())
+
+
 def test_input_is_cast_to_the_towers_dtype(pixels, clip_vision_dir):
     path, _ = clip_vision_dir
     tower = VisionTower.from_pretrained(path, dtype="bf16")

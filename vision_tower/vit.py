@@ -95,7 +95,10 @@ class QuickGELU(nn.Module):
     """OpenAI CLIP's sigmoid approximation of GELU; its checkpoints were trained with it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        # Without autograd, reuse one buffer: same bits, one fresh (B, N, 4C) tensor instead of three.
+        return torch.sigmoid_(1.702 * x).mul_(x)
 
 
 class Attention(nn.Module):
@@ -166,8 +169,16 @@ class Block(nn.Module):
         self.ls2 = LayerScale(cfg.width) if cfg.layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = _residual(x, self.ls1(self.attn(self.norm1(x))))
+        return _residual(x, self.ls2(self.mlp(self.norm2(x))))
+
+
+def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch, written into `branch` (a fresh tensor of the block's own) when autograd is not
+    watching: the same bits, and no new tensor to page-fault in."""
+    if x.requires_grad or branch.requires_grad:
+        return x + branch
+    return branch.add_(x)
 
 
 class PatchEmbed(nn.Module):
