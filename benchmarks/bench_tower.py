@@ -5,7 +5,8 @@
 Every implementation gets the same random weights; calls are interleaved round-robin and each
 median is taken over the same repeats, so a noisy machine slows all of them alike. Reports
 images/s, the ratio to the LLaVA path (transformers `CLIPVisionModel(output_hidden_states=True)
-.hidden_states[-2]`), max |difference| to it, peak memory per image, and the fraction of the
+.hidden_states[-2]`), max |difference| to it, peak memory per image (resident memory on the CPU,
+allocated memory beyond the weights on a GPU), and the fraction of the
 matmul ceiling (366 GFLOP per image to layer -2 over the measured GEMM rate).
 """
 
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import machine, peak_rss_during, save, table, vit_l14_336_gflop
+from benchmarks.common import machine, peak_cuda_during, peak_rss_during, save, table, vit_l14_336_gflop
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -125,7 +126,8 @@ def run(batch: int, repeats: int, dtype_name: str, device: str, compile_ours: bo
                 if sync:
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t)
-        peaks = {name: peak_rss_during(lambda f=f: f(x)) / batch for name, f in fns.items()} if device == "cpu" else {}
+        peak = peak_rss_during if device == "cpu" else peak_cuda_during
+        peaks = {name: peak(lambda f=f: f(x)) / batch for name, f in fns.items()}
     ceiling = matmul_rate(dtype, device)
     ref_name = next(iter(fns))
     ref_time = statistics.median(times[ref_name])

@@ -68,6 +68,16 @@ def peak_rss_during(fn: Callable[[], Any]) -> float:
     return (status("VmHWM:") - base) / 1024
 
 
+def peak_cuda_during(fn: Callable[[], Any]) -> float:
+    """MiB of GPU memory `fn` allocates at its peak beyond what was allocated before (weights, inputs)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def save(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
