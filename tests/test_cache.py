@@ -243,6 +243,44 @@ def test_reader_views_batches_workers_and_verify(reference_cache, tmp_path):
         FeatureCache(patch_only, feature="cls")
 
 
+def test_verify_checks_headers_and_reads_older_whole_file_hashes(reference_cache, tmp_path):
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(reference_cache, copy)
+    shards = sorted((copy / "shards").glob("*.safetensors"))
+    data = bytearray(shards[0].read_bytes())
+    data[4000] = ord("x")  # inside the header's space padding: every row still reads the same
+    shards[0].write_bytes(bytes(data))
+    # A manifest as earlier versions wrote it: sha256 of the whole file instead of the rows' data_sha256.
+    manifest_path = shards[1].with_suffix(".json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"] = hashlib.sha256(shards[1].read_bytes()).hexdigest()
+    del manifest["data_sha256"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert FeatureCache(copy).verify() == {shards[0].name: "header does not match the manifest"}
+    shards[1].write_bytes(shards[1].read_bytes()[:-1] + b"\0")
+    assert FeatureCache(copy).verify() == {shards[0].name: "header does not match the manifest",
+                                           shards[1].name: "checksum mismatch"}
+
+
+def test_a_failing_shard_writer_stops_the_run_and_leaves_no_partial_file(tmp_path):
+    from vision_tower.extract import _Writer
+
+    writer = _Writer(tmp_path, 5, 32, torch.float32, max_bytes=1)  # one batch queued at a time
+    writer.rows(0, torch.zeros(2, 5, 32), None)
+    writer.finish(0, ["a", "b"], {})
+    writer.rows(1, torch.zeros(2, 5, 31), None)  # the wrong width: shard 1's thread fails
+    with pytest.raises(RuntimeError, match=r"shard writer failed: batch \(2, 5, 31\).*does not fit"):
+        for _ in range(100):  # raised at the next call once the thread has failed
+            writer.rows(1, torch.zeros(2, 5, 32), None)
+    with pytest.raises(RuntimeError, match="shard writer failed"):
+        writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.json", "shard-000000.safetensors"]
+    assert json.loads((tmp_path / "shard-000000.json").read_text())["keys"] == ["a", "b"]  # finished work is kept
+
+
 def test_shards_are_plain_safetensors(reference_cache):
     from safetensors import safe_open
 
@@ -279,7 +317,7 @@ arch = ViTConfig(image_size=336, patch_size=14, width=1024, depth=1, heads=16, m
 spec = TowerSpec("wide-1-block", "none", "clip", arch, family_preprocess("clip", 336))
 tower = VisionTower.from_config(spec, seed=0, dtype="bf16")
 extract(ExtractConfig(images=sys.argv[1], out=sys.argv[2], random_init="wide-1-block", batch_size=8,
-                      num_workers=1, shard_size=40, progress=False), tower=tower)
+                      num_workers=1, shard_size=40, queue_mb=32, progress=False), tower=tower)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
@@ -288,7 +326,8 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     """1.13 MiB of features per image: 80 vs 320 images would differ by ~270 MiB if features accumulated.
     glibc's adaptive mmap threshold makes the steady state itself wander by ~50 MiB (freed batch
     buffers kept in the heap), so the probe fixes it to measure what the pipeline holds: measured
-    ~630 MiB at 80, 160 and 320 images."""
+    ~630 MiB at 80, 160 and 320 images. The rows queued for the writers are bounded by `queue_mb`
+    (1 GiB by default), set small here so that a slow disk cannot fill the queue within the test."""
     rng = np.random.default_rng(0)
     peaks = []
     for n in (80, 320):

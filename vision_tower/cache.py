@@ -5,7 +5,7 @@ Layout::
 
     CACHE/metadata.json                    what the features are (tower, weights hash, preprocessing, ...)
     CACHE/shards/shard-000042.safetensors  one tensor "features" (n, T, C)
-    CACHE/shards/shard-000042.json         its manifest: keys (row order), failures, sha256, bytes
+    CACHE/shards/shard-000042.json         its manifest: keys (row order), failures, data_sha256, bytes
 
 A shard is streamed to a temporary file, fsynced and renamed; only then is its manifest written
 (also via a temporary file and a rename). The manifests are the index: a reader sees a shard only
@@ -63,19 +63,34 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     _fsync_dir(path.parent)
 
 
-def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
+def file_sha256(path: Path, chunk: int = 16 << 20, start: int = 0) -> str:
+    """sha256 of the file's bytes from `start` on."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(start)
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
+def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype) -> bytes:
+    """The first `_HEADER_RESERVE` bytes of a shard of n rows: the safetensors header length, the
+    JSON header, and space padding (as the format allows)."""
+    header = json.dumps({"features": {"dtype": _DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
+                                      "data_offsets": [0, n * tokens * channels * dtype.itemsize]},
+                         "__metadata__": {"format": FORMAT}}, separators=(",", ":")).encode()
+    room = _HEADER_RESERVE - 8
+    if len(header) > room:
+        raise CacheError(f"safetensors header of {len(header)} bytes does not fit the reserved {room}")
+    return struct.pack("<Q", room) + header + b" " * (room - len(header))
+
+
 class ShardWriter:
     """Streams (b, T, C) batches into one safetensors file whose header is written last.
 
-    The header's length is fixed in advance (`_HEADER_RESERVE`, padded with spaces as the format
-    allows), so rows go to disk as they arrive and a shard never has to sit in memory whole."""
+    The header's length is fixed in advance (`_HEADER_RESERVE`), so rows go to disk as they arrive
+    and a shard never has to sit in memory whole. Rows are hashed on their way out (`data_sha256`),
+    so closing never reads the file back."""
 
     def __init__(self, final: Path, tokens: int, channels: int, dtype: torch.dtype) -> None:
         self.final = final
@@ -83,35 +98,28 @@ class ShardWriter:
         self.shape = (tokens, channels)
         self.dtype = dtype
         self.n = 0
+        self._hash = hashlib.sha256()
         self._f = open(self.tmp, "wb")
         self._f.write(b"\0" * _HEADER_RESERVE)
 
     def write(self, batch: torch.Tensor) -> None:
         if tuple(batch.shape[1:]) != self.shape or batch.dtype != self.dtype:
             raise CacheError(f"batch {tuple(batch.shape)} {batch.dtype} does not fit shard rows {self.shape} {self.dtype}")
-        data = batch.contiguous().view(torch.uint8).numpy()  # zero-copy bytes of the rows
-        self._f.write(memoryview(data).cast("B"))
+        data = memoryview(batch.contiguous().view(torch.uint8).numpy()).cast("B")  # zero-copy bytes of the rows
+        self._f.write(data)
+        self._hash.update(data)
         self.n += batch.shape[0]
 
     def close(self) -> tuple[str, int]:
-        """Header, fsync, rename into place. Returns (sha256, bytes) of the final file."""
-        T, C = self.shape
-        nbytes = self.n * T * C * self.dtype.itemsize
-        header = json.dumps({"features": {"dtype": _DTYPE_NAMES[self.dtype], "shape": [self.n, T, C],
-                                          "data_offsets": [0, nbytes]},
-                             "__metadata__": {"format": FORMAT}}, separators=(",", ":")).encode()
-        room = _HEADER_RESERVE - 8
-        if len(header) > room:
-            raise CacheError(f"safetensors header of {len(header)} bytes does not fit the reserved {room}")
+        """Header, fsync, rename into place. Returns (sha256 of the rows, bytes of the file)."""
         self._f.seek(0)
-        self._f.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+        self._f.write(shard_header(self.n, *self.shape, self.dtype))
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        digest = file_sha256(self.tmp)
         os.replace(self.tmp, self.final)
         _fsync_dir(self.final.parent)
-        return digest, _HEADER_RESERVE + nbytes
+        return self._hash.hexdigest(), _HEADER_RESERVE + self.n * self.shape[0] * self.shape[1] * self.dtype.itemsize
 
     def abort(self) -> None:
         self._f.close()
@@ -231,7 +239,15 @@ class FeatureCache:
                 bad[name] = "missing"
             elif path.stat().st_size != manifest["bytes"]:
                 bad[name] = f"size {path.stat().st_size} != {manifest['bytes']}"
-            elif file_sha256(path) != manifest["sha256"]:
+            elif "data_sha256" in manifest:  # the header is checked byte for byte, the rows by their hash
+                with open(path, "rb") as f:
+                    header = f.read(_HEADER_RESERVE)
+                m = self.metadata
+                if header != shard_header(len(manifest["keys"]), m["tokens"], m["channels"], getattr(torch, m["dtype"])):
+                    bad[name] = "header does not match the manifest"
+                elif file_sha256(path, start=_HEADER_RESERVE) != manifest["data_sha256"]:
+                    bad[name] = "checksum mismatch"
+            elif file_sha256(path) != manifest["sha256"]:  # older manifests: a hash of the whole file
                 bad[name] = "checksum mismatch"
         return bad
 
