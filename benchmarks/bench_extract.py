@@ -50,14 +50,18 @@ def jpegs(d: Path, n: int, size=(640, 480), distinct: int | None = None) -> Path
 
 
 SCALE_PROBE = """
-import resource, sys, time
+import sys, time
+
+def peak_mib():  # VmHWM, this process's own peak; ru_maxrss would carry the parent's over exec (Linux)
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) // 1024
+
 from vision_tower.extract import ExtractConfig, extract
 from vision_tower.cache import FeatureCache
 t = time.perf_counter()
 r = extract(ExtractConfig(images=sys.argv[1], out=sys.argv[2], random_init=sys.argv[3], batch_size=int(sys.argv[4]),
                           num_workers=2, shard_size=64, progress=False))
 assert not FeatureCache(sys.argv[2]).verify()
-print(r.done, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(r.done, time.perf_counter() - t, peak_mib())
 """
 
 

@@ -308,7 +308,11 @@ def test_pooling_is_applied_and_recorded(tmp_path, corpus):
 
 
 MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
+
+def peak_mib():  # VmHWM, this process's own peak; ru_maxrss would carry the parent's over exec (Linux)
+    return int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) // 1024
+
 from vision_tower import VisionTower
 from vision_tower.extract import ExtractConfig, extract
 from vision_tower.registry import TowerSpec, family_preprocess
@@ -318,7 +322,7 @@ spec = TowerSpec("wide-1-block", "none", "clip", arch, family_preprocess("clip",
 tower = VisionTower.from_config(spec, seed=0, dtype="bf16")
 extract(ExtractConfig(images=sys.argv[1], out=sys.argv[2], random_init="wide-1-block", batch_size=8,
                       num_workers=1, shard_size=40, queue_mb=32, progress=False), tower=tower)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(peak_mib())
 """
 
 

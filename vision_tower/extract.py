@@ -8,8 +8,8 @@ write bit-identical shards (on the same machine and settings).
 
 Decoding and preprocessing run in DataLoader workers; shard files are written, hashed and fsynced
 by writer threads (one per shard, so one shard's fsync overlaps the next one's rows), off the
-device's critical path. A bad image is recorded with its reason in its
-shard's manifest and never stops the run.
+device's critical path. A bad image is recorded with its reason in its shard's manifest and never
+stops the run.
 """
 
 from __future__ import annotations
