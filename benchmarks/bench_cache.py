@@ -23,7 +23,7 @@ from benchmarks.common import save, table
 
 
 def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int = 256) -> list[str]:
-    from vision_tower.cache import FORMAT, VERSION, ShardWriter, file_sha256, shard_name, write_json_atomic
+    from vision_tower.cache import FORMAT, VERSION, FeatureCache, ShardWriter, shard_name, write_json_atomic
 
     (root / "shards").mkdir(parents=True)
     keys = [f"{i // 1000:05d}/{i:09d}.jpg" for i in range(n)]
@@ -33,13 +33,13 @@ def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int 
             hi = min(lo + 64, s + shard_size, n)
             w.write(torch.arange(lo, hi, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, tokens, channels))
         digest, nbytes = w.close()
-        assert digest == file_sha256(w.final)
         write_json_atomic(root / "shards" / f"{shard_name(s // shard_size)}.json", {
             "shard": s // shard_size, "file": w.final.name, "keys": keys[s : s + shard_size], "failures": {},
-            "sha256": digest, "bytes": nbytes})
+            "data_sha256": digest, "bytes": nbytes})
     write_json_atomic(root / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
                                                "tokens": tokens, "channels": channels, "dtype": "bfloat16",
                                                "tower": "synthetic", "layer": -2})
+    assert not FeatureCache(root).verify()
     return keys
 
 
