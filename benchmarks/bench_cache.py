@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def via_cache_out(b):
             return cache.get_many(b, out=buffer)
 
+        def via_stack_out(b):  # what get_many(out=) did before it spread the rows over threads
+            return torch.stack([cache[k] for k in b], out=buffer)
+
         def via_views(b):
             return [cache[k] for k in b]
 
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         impls = {"memcpy of a batch's bytes (ceiling)": memcpy,
                  "FeatureCache.get_many(out=reused buffer)": via_cache_out,
+                 "torch.stack(rows, out=reused buffer), one thread": via_stack_out,
                  "FeatureCache.get_many (fresh batch)": via_cache, "FeatureCache[key] (zero-copy views)": via_views,
                  "one .npy per image (np.load + stack)": via_npy, "one .pt per image (torch.load + stack)": via_pt}
         for f in impls.values():  # warm the page cache

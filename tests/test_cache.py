@@ -281,6 +281,34 @@ def test_a_failing_shard_writer_stops_the_run_and_leaves_no_partial_file(tmp_pat
     assert json.loads((tmp_path / "shard-000000.json").read_text())["keys"] == ["a", "b"]  # finished work is kept
 
 
+def test_get_many_into_a_buffer_with_threads_equals_row_by_row(tmp_path):
+    """Batches of 32+ rows are copied by several threads into `out`; every row must land in its place."""
+    from vision_tower.cache import FORMAT, VERSION, ShardWriter, shard_name, write_json_atomic
+
+    (tmp_path / "shards").mkdir()
+    keys = [f"k{i:03d}" for i in range(100)]
+    for s in range(0, 100, 40):  # shards of 40, 40, 20
+        w = ShardWriter(tmp_path / "shards" / f"{shard_name(s // 40)}.safetensors", 5, 32, torch.bfloat16)
+        w.write(torch.randn(len(keys[s:s + 40]), 5, 32, generator=torch.Generator().manual_seed(s)).bfloat16())
+        digest, nbytes = w.close()
+        write_json_atomic(tmp_path / "shards" / f"{shard_name(s // 40)}.json", {
+            "shard": s // 40, "file": w.final.name, "keys": keys[s:s + 40], "failures": {}, "data_sha256": digest,
+            "bytes": nbytes})
+    write_json_atomic(tmp_path / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
+                                                   "tokens": 5, "channels": 32, "dtype": "bfloat16"})
+    cache = FeatureCache(tmp_path)
+    assert not cache.verify()
+    batch = [keys[i] for i in torch.randperm(100, generator=torch.Generator().manual_seed(0))[:67].tolist()]
+    out = torch.full((67, 5, 32), float("nan"), dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # 67 rows over 3 threads: uneven parts
+        assert cache.get_many(batch, out=out) is out
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out, torch.stack([cache[k] for k in batch]))
+
+
 def test_shards_are_plain_safetensors(reference_cache):
     from safetensors import safe_open
 

@@ -22,6 +22,7 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +215,8 @@ class FeatureCache:
 
         A batch of CLIP-L features is ~300 MB; writing it to fresh memory costs more in page faults (the
         kernel zeroes each new page) than in copying. Pass `out`, a (B, T, C) tensor of the cache's dtype
-        reused across batches, to skip them: 4-5x faster here."""
+        reused across batches, to skip them: 4-5x faster here. Into `out`, the rows are copied by as many
+        threads as torch uses (one core alone cannot saturate memory bandwidth: 1.6x on 2 cores)."""
         rows = [self._shard_rows(shard)[row, self._slice] for shard, row in map(self._locate, keys)]  # (T, C) views
         if not rows:
             raise ValueError("get_many got no keys")
@@ -224,7 +226,12 @@ class FeatureCache:
         if tuple(out.shape) != shape or out.dtype != rows[0].dtype or not out.is_contiguous():
             raise ValueError(f"get_many out= must be a contiguous {shape} {rows[0].dtype} tensor; got "
                              f"{tuple(out.shape)} {out.dtype}" + ("" if out.is_contiguous() else ", not contiguous"))
-        return torch.stack(rows, out=out)
+        n = min(torch.get_num_threads(), len(rows) // 16)  # 16+ rows per thread: small batches stay serial
+        if n < 2:
+            return torch.stack(rows, out=out)
+        cuts = [len(rows) * k // n for k in range(n + 1)]
+        list(_gather_pool().map(lambda k: torch.stack(rows[cuts[k]:cuts[k + 1]], out=out[cuts[k]:cuts[k + 1]]), range(n)))
+        return out
 
     # ------------------------------------------------------------------ checks
     def verify(self) -> dict[str, str]:
@@ -259,6 +266,17 @@ class FeatureCache:
         return (f"FeatureCache({str(self.path)!r}, {len(self)} features of ({m['tokens']}, {m['channels']}) "
                 f"{m['dtype']}, tower={m['tower']!r}, layer={m['layer']}, feature={self.feature!r}, "
                 f"{len(self.failures)} failed)")
+
+
+_GATHER_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _gather_pool() -> ThreadPoolExecutor:
+    """Threads for `get_many(out=)`: one pool per process (a forked DataLoader worker makes its own)."""
+    global _GATHER_POOL
+    if _GATHER_POOL is None or _GATHER_POOL[0] != os.getpid():
+        _GATHER_POOL = (os.getpid(), ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="vision-tower-gather"))
+    return _GATHER_POOL[1]
 
 
 def _feature_slice(stored: str, wanted: str | None) -> slice:
