@@ -293,19 +293,19 @@ class _Writer:
                     self._commit(shard, writer, *rest)
                     return
                 rows, copied = rest
-                try:
-                    if copied is not None:
-                        copied.synchronize()  # the asynchronous device-to-host copy has landed
-                    if writer is None:
-                        writer = ShardWriter(self.dir / f"{shard_name(shard)}.safetensors", *self.shape, self.dtype)
-                    writer.write(rows)
-                finally:
-                    with self.budget:
-                        self.queued -= rows.nbytes
-                        self.budget.notify_all()
+                if copied is not None:
+                    copied.synchronize()  # the asynchronous device-to-host copy has landed
+                if writer is None:
+                    writer = ShardWriter(self.dir / f"{shard_name(shard)}.safetensors", *self.shape, self.dtype)
+                writer.write(rows)
+                with self.budget:
+                    self.queued -= rows.nbytes
+                    self.budget.notify_all()
                 fault_point("rows", writer.n)
-        except BaseException as e:  # reported to the main thread at its next call
-            self.error = self.error or e
+        except BaseException as e:  # reported to the main thread at its next call (a failed batch keeps its budget)
+            with self.budget:
+                self.error = self.error or e
+                self.budget.notify_all()
         if writer is not None:  # failed, or never finished: leave nothing behind
             writer.abort()
 
