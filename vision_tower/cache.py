@@ -216,7 +216,8 @@ class FeatureCache:
         A batch of CLIP-L features is ~300 MB; writing it to fresh memory costs more in page faults (the
         kernel zeroes each new page) than in copying. Pass `out`, a (B, T, C) tensor of the cache's dtype
         reused across batches, to skip them: 4-5x faster here. Into `out`, the rows are copied by as many
-        threads as torch uses (one core alone cannot saturate memory bandwidth: 1.6x on 2 cores)."""
+        threads as torch uses: one core alone does not saturate memory bandwidth (1.04-1.75x on 2 cores,
+        least while other work competes for them)."""
         rows = [self._shard_rows(shard)[row, self._slice] for shard, row in map(self._locate, keys)]  # (T, C) views
         if not rows:
             raise ValueError("get_many got no keys")
