@@ -23,19 +23,19 @@ from benchmarks.common import save, table
 
 
 def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int = 256) -> list[str]:
-    from vision_tower.cache import FORMAT, VERSION, FeatureCache, ShardWriter, shard_name, write_json_atomic
+    from vision_tower.cache import FORMAT, VERSION, FeatureCache, write_json_atomic
+    from vision_tower.extract import _Writer  # the extraction's own shard writing and manifests
 
     (root / "shards").mkdir(parents=True)
     keys = [f"{i // 1000:05d}/{i:09d}.jpg" for i in range(n)]
+    writer = _Writer(root / "shards", tokens, channels, torch.bfloat16)
     for s in range(0, n, shard_size):
-        w = ShardWriter(root / "shards" / f"{shard_name(s // shard_size)}.safetensors", tokens, channels, torch.bfloat16)
         for lo in range(s, min(s + shard_size, n), 64):
             hi = min(lo + 64, s + shard_size, n)
-            w.write(torch.arange(lo, hi, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, tokens, channels))
-        digest, nbytes = w.close()
-        write_json_atomic(root / "shards" / f"{shard_name(s // shard_size)}.json", {
-            "shard": s // shard_size, "file": w.final.name, "keys": keys[s : s + shard_size], "failures": {},
-            "data_sha256": digest, "bytes": nbytes})
+            writer.rows(s // shard_size, torch.arange(lo, hi, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, tokens, channels),
+                        None)
+        writer.finish(s // shard_size, keys[s : s + shard_size], {})
+    writer.close()
     write_json_atomic(root / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
                                                "tokens": tokens, "channels": channels, "dtype": "bfloat16",
                                                "tower": "synthetic", "layer": -2})

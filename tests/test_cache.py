@@ -282,17 +282,17 @@ def test_a_failing_shard_writer_stops_the_run_and_leaves_no_partial_file(tmp_pat
 
 def test_get_many_into_a_buffer_with_threads_equals_row_by_row(tmp_path):
     """Batches of 32+ rows are copied by several threads into `out`; every row must land in its place."""
-    from vision_tower.cache import FORMAT, VERSION, ShardWriter, shard_name, write_json_atomic
+    from vision_tower.cache import FORMAT, VERSION, write_json_atomic
+    from vision_tower.extract import _Writer
 
-    (tmp_path / "shards").mkdir()
     keys = [f"k{i:03d}" for i in range(100)]
+    (tmp_path / "shards").mkdir()
+    writer = _Writer(tmp_path / "shards", 5, 32, torch.bfloat16)
     for s in range(0, 100, 40):  # shards of 40, 40, 20
-        w = ShardWriter(tmp_path / "shards" / f"{shard_name(s // 40)}.safetensors", 5, 32, torch.bfloat16)
-        w.write(torch.randn(len(keys[s:s + 40]), 5, 32, generator=torch.Generator().manual_seed(s)).bfloat16())
-        digest, nbytes = w.close()
-        write_json_atomic(tmp_path / "shards" / f"{shard_name(s // 40)}.json", {
-            "shard": s // 40, "file": w.final.name, "keys": keys[s:s + 40], "failures": {}, "data_sha256": digest,
-            "bytes": nbytes})
+        rows = torch.randn(len(keys[s:s + 40]), 5, 32, generator=torch.Generator().manual_seed(s)).bfloat16()
+        writer.rows(s // 40, rows, None)
+        writer.finish(s // 40, keys[s:s + 40], {})
+    writer.close()
     write_json_atomic(tmp_path / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
                                                    "tokens": 5, "channels": 32, "dtype": "bfloat16"})
     cache = FeatureCache(tmp_path)
@@ -357,8 +357,9 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     """1.13 MiB of features per image: 80 vs 320 images would differ by ~270 MiB if features accumulated.
     glibc's adaptive mmap threshold makes the steady state itself wander by ~50 MiB (freed batch
     buffers kept in the heap), so the probe fixes it to measure what the pipeline holds: measured
-    ~630 MiB at 80, 160 and 320 images. The rows queued for the writers are bounded by `queue_mb`
-    (1 GiB by default), set small here so that a slow disk cannot fill the queue within the test."""
+    595 MiB at 80, 320 and 640 images, and 666, 937 and 1298 MiB with every batch kept alive on
+    purpose. The rows queued for the writers are bounded by `queue_mb` (1 GiB by default), set small
+    here so that a slow disk cannot fill the queue within the test."""
     rng = np.random.default_rng(0)
     peaks = []
     for n in (80, 320):
