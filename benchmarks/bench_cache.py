@@ -24,11 +24,11 @@ from benchmarks.common import save, table
 
 def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int = 256) -> list[str]:
     from vision_tower.cache import FORMAT, VERSION, FeatureCache, write_json_atomic
-    from vision_tower.extract import _Writer  # the extraction's own shard writing and manifests
+    from vision_tower.cache import CacheWriter  # the extraction's own shard writing and manifests
 
     (root / "shards").mkdir(parents=True)
     keys = [f"{i // 1000:05d}/{i:09d}.jpg" for i in range(n)]
-    writer = _Writer(root / "shards", tokens, channels, torch.bfloat16)
+    writer = CacheWriter(root / "shards", tokens, channels, torch.bfloat16)
     for s in range(0, n, shard_size):
         for lo in range(s, min(s + shard_size, n), 64):
             hi = min(lo + 64, s + shard_size, n)

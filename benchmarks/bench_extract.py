@@ -68,10 +68,10 @@ print(r.done, time.perf_counter() - t, peak_mib())
 def writer_rate(out: Path, rows: int, batch: int = 64, shard_size: int = 256) -> float:
     """img/s the shard writers alone sustain for CLIP-L bf16 rows (577 x 1024): appending, hashing,
     fsync, rename, manifest. What a GPU extraction can reach at most, measurable without a GPU."""
-    from vision_tower.extract import _Writer
+    from vision_tower.cache import CacheWriter
 
     feats = [torch.randn(batch, 577, 1024).to(torch.bfloat16) for _ in range(4)]  # distinct buffers, as a real run
-    writer = _Writer(out, 577, 1024, torch.bfloat16)
+    writer = CacheWriter(out, 577, 1024, torch.bfloat16)
     t = time.perf_counter()
     for i in range(rows // batch):
         shard = i * batch // shard_size

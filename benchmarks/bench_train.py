@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from benchmarks.bench_extract import jpegs
-    from projector.train import AlignConfig, train
+    from vision_tower.training import AlignConfig, train
     from vision_tower.extract import ExtractConfig, extract
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

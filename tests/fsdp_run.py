@@ -18,11 +18,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
-from projector import build_projector
-from projector.checkpoint import latest_checkpoint, load_checkpoint, projector_state, save_checkpoint
-from projector.train import AlignModel
+from vision_tower.projector import build_projector
+from vision_tower.training.checkpoint import latest_checkpoint, load_checkpoint, projector_state, save_checkpoint
+from vision_tower.training import AlignModel
 from vision_tower.cache import FeatureCache
-from vision_tower.extract import leave_process_group
+from vision_tower.distributed import leave_process_group
 
 STEPS, CUT, GLOBAL = 6, 3, 8
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from projector import Projector
-from projector.train import AlignConfig, AlignError, check_fsdp_plugin, micro_batches, train
+from vision_tower.projector import Projector
+from vision_tower.training.align import AlignConfig, AlignError, check_fsdp_plugin, micro_batches, train
 from vision_tower.extract import ExtractConfig, extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,7 @@ def projector_weights(out):
     return load_file(str(Path(out) / "projector" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_a_caption_that_depends_on_the_image_is_learned(world, tmp_path):
     paired = train(config(world, tmp_path / "paired", epochs=40))
     shuffled = train(config(world, tmp_path / "shuffled", epochs=40, data=str(world / "shuffled.json")))
@@ -109,6 +110,7 @@ def test_a_caption_that_depends_on_the_image_is_learned(world, tmp_path):
     assert set(first) >= {"step", "loss", "lr", "grad_norm", "samples_per_s"}
 
 
+@pytest.mark.slow
 def test_outputs_load_in_llava_transformers_and_our_format(world, tmp_path):
     out = tmp_path / "run"
     train(config(world, out, epochs=1))
@@ -136,6 +138,7 @@ def test_outputs_load_in_llava_transformers_and_our_format(world, tmp_path):
     assert png.format == "PNG" and png.size == (640, 360)
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_result(world, tmp_path):
     whole = tmp_path / "whole"
     train(config(world, whole, save_every=3))
@@ -156,6 +159,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(world, tmp_path):
     assert [e["step"] for e in log(tmp_path / "cut")][-15:] == list(range(10, 25))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(world, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--data", str(world / "data.json"), "--llm", str(world / "llm"), "--cache", str(world / "cache"),
@@ -195,6 +199,7 @@ def test_micro_batches_split_the_same_global_batches_across_ranks():
     assert micro_batches(100, 32, 8, epoch=1, seed=0, rank=0, world=1) != one
 
 
+@pytest.mark.slow
 def test_cache_and_online_give_the_same_loss(world, tmp_path):
     cached = train(config(world, tmp_path / "cached", epochs=1))
     online = train(config(world, tmp_path / "online", epochs=1, cache=None, images=str(world / "images"),
@@ -207,6 +212,7 @@ def test_cache_and_online_give_the_same_loss(world, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_problems_are_reported_before_training(world, tmp_path):
     with pytest.raises(AlignError, match="has no pad token; pass --pad-token"):
         train(config(world, tmp_path / "a", llm=str(world / "llm-no-pad")))
@@ -221,8 +227,13 @@ def test_problems_are_reported_before_training(world, tmp_path):
     other.save_pretrained(tmp_path / "p48")
     with pytest.raises(AlignError, match="maps 32 -> 48.*hidden size is 64"):
         train(config(world, tmp_path / "e", projector=str(tmp_path / "p48")))
+    layer_minus_1 = Projector("mlp2x_gelu", 32, 64, select_layer=-1, select_feature="patch")
+    layer_minus_1.save_pretrained(tmp_path / "p-1")
+    with pytest.raises(AlignError, match="trained on select_layer=-1, but the features come from select_layer=-2"):
+        train(config(world, tmp_path / "f", projector=str(tmp_path / "p-1")))
 
 
+@pytest.mark.slow
 def test_per_sample_problems_are_counted_skips(world, tmp_path):
     records = json.loads((world / "data.json").read_text())
     records[0]["conversations"][1]["value"] = "red " * 40  # too long for --max-length 20
@@ -234,6 +245,7 @@ def test_per_sample_problems_are_counted_skips(world, tmp_path):
     assert "1 longer than --max-length" in result.summary() and "1 missing from the cache" in result.summary()
 
 
+@pytest.mark.slow
 def test_bf16_and_gradient_checkpointing_keep_fp32_master_weights(world, tmp_path):
     result = train(config(world, tmp_path / "bf16", epochs=2, bf16=True, gradient_checkpointing=True))
     assert result.steps == 12 and np.isfinite(result.final_loss)
@@ -250,6 +262,7 @@ def run_ok(cmd, **kw):
     return done
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_whole_tensors_that_resume_across_fsdp_and_one_process(world, tmp_path):
     """FSDP2 (gloo, 2 processes) and one plain process reach the same projector, and a checkpoint written
     by either resumes under the other: tensors are saved whole and named by parameter."""
@@ -276,6 +289,7 @@ def test_checkpoints_hold_whole_tensors_that_resume_across_fsdp_and_one_process(
             torch.testing.assert_close(other[k], final[k], rtol=1e-4, atol=1e-6, msg=f"{name}: {k}")
 
 
+@pytest.mark.slow
 def test_deepspeed_zero2_and_zero3_match_one_process_and_zero3_resumes(world, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extras; install it to run this test")
     common = ["--data", str(world / "data.json"), "--llm", str(world / "llm"), "--cache", str(world / "cache"),

@@ -175,6 +175,36 @@ def test_timm_state_dicts_match_timm(tmp_path, timm_name):
                 assert (tower(x) - prefix[:, :1]).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("timm_name", ["vit_large_patch14_reg4_dinov2", "vit_so400m_patch14_siglip_224"])
+def test_vit_forward_intermediates_means_what_timms_does(tmp_path, timm_name):
+    """Same weights, same arguments, same tokens: block indices from 0, ints as "the last n", block
+    order, NCHW / NLC, prefix tokens paired, stop_early; `forward` is the last block's tokens."""
+    spec_name, kw, _ = TIMM_CASES[timm_name]
+    m = timm_model(timm_name, depth=3, **kw)
+    spec = with_arch(get_spec(spec_name), depth=3)
+    vit = VisionTower.from_pretrained(save(m.state_dict(), tmp_path / "t.safetensors"), tower=spec).vit
+    x = images(1, spec.image_size)
+    with torch.no_grad():
+        cases = [(None, "NCHW", False), (1, "NLC", True), (2, "NCHW", True), ([0, 2], "NLC", False),
+                 ([-1], "NCHW", True), ([2, 0], "NLC", True)]
+        for indices, fmt, stop_early in cases:
+            args = dict(stop_early=stop_early, output_fmt=fmt, intermediates_only=True)
+            prefix = spec.arch.num_prefix_tokens > 0
+            ours = vit.forward_intermediates(x, indices, return_prefix_tokens=prefix, **args)
+            ref = m.forward_intermediates(x, indices, return_prefix_tokens=prefix, norm=False, **args)
+            assert len(ours) == len(ref)
+            for a, b in zip(ours, ref, strict=True):
+                for t, u in zip(a, b, strict=True) if prefix else [(a, b)]:
+                    assert t.shape == u.shape and (t - u).abs().max().item() <= 1e-4
+        last, kept = vit.forward_intermediates(x, [0], stop_early=True, output_fmt="NLC")
+        assert torch.equal(last[:, spec.arch.num_prefix_tokens:], kept[0])  # stopped after block 0
+        torch.testing.assert_close(vit(x), vit.forward_hidden_states(x, [3])[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no final norm"):
+        vit.forward_intermediates(x, norm=True)
+    with pytest.raises(ValueError, match=r"block indices must lie in \[-3, 2\]; got \[3\]"):
+        vit.forward_intermediates(x, [3])
+
+
 def test_timm_shape_is_matched_to_the_registry_without_tower(tmp_path):
     m = timm_model("vit_base_patch32_clip_quickgelu_224")
     path = save(m.state_dict(), tmp_path / "b32.safetensors")

@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import PHOTOS, tiny_clip_vision_model
 from vision_tower import VisionTower
 from vision_tower.cache import CacheError, FeatureCache
-from vision_tower.extract import ExtractConfig, extract, list_keys, safe_path
+from vision_tower.data import list_keys, safe_path
+from vision_tower.extract import ExtractConfig, extract
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,6 +164,7 @@ def test_safe_path_rejects_escapes(tmp_path):
         assert safe_path(tmp_path, key) is None, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["rows:4", "manifest:1"])
 def test_kill_9_then_resume_gives_the_uninterrupted_cache(tiny_model_dir, corpus, reference_cache, tmp_path, fault):
     """rows:4 kills the process mid-shard (rows on disk, no header, no rename); manifest:1 kills it
@@ -179,6 +181,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_cache(tiny_model_dir, corpus
     assert not FeatureCache(out).verify()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_cache(tiny_model_dir, corpus, tmp_path):
     """torchrun gives each worker OMP_NUM_THREADS=1; CPU GEMMs round differently with other thread
     counts, so the single-process run it is compared with uses one thread too (same settings)."""
@@ -266,9 +269,9 @@ def test_verify_checks_headers_and_reads_older_whole_file_hashes(reference_cache
 
 
 def test_a_failing_shard_writer_stops_the_run_and_leaves_no_partial_file(tmp_path):
-    from vision_tower.extract import _Writer
+    from vision_tower.cache import CacheWriter
 
-    writer = _Writer(tmp_path, 5, 32, torch.float32, max_bytes=1)  # one batch queued at a time
+    writer = CacheWriter(tmp_path, 5, 32, torch.float32, max_bytes=1)  # one batch queued at a time
     writer.rows(0, torch.zeros(2, 5, 32), None)
     writer.finish(0, ["a", "b"], {})
     writer.rows(1, torch.zeros(2, 5, 31), None)  # the wrong width: shard 1's thread fails
@@ -283,11 +286,11 @@ def test_a_failing_shard_writer_stops_the_run_and_leaves_no_partial_file(tmp_pat
 def test_get_many_into_a_buffer_with_threads_equals_row_by_row(tmp_path):
     """Batches of 32+ rows are copied by several threads into `out`; every row must land in its place."""
     from vision_tower.cache import FORMAT, VERSION, write_json_atomic
-    from vision_tower.extract import _Writer
+    from vision_tower.cache import CacheWriter
 
     keys = [f"k{i:03d}" for i in range(100)]
     (tmp_path / "shards").mkdir()
-    writer = _Writer(tmp_path / "shards", 5, 32, torch.bfloat16)
+    writer = CacheWriter(tmp_path / "shards", 5, 32, torch.bfloat16)
     for s in range(0, 100, 40):  # shards of 40, 40, 20
         rows = torch.randn(len(keys[s:s + 40]), 5, 32, generator=torch.Generator().manual_seed(s)).bfloat16()
         writer.rows(s // 40, rows, None)
@@ -327,7 +330,7 @@ def test_pooling_is_applied_and_recorded(tmp_path, corpus):
     assert result.done == 9
     cache = FeatureCache(tmp_path / "c")
     assert cache.metadata["pool"] == "avg2" and cache.metadata["tokens"] == 1 + 49
-    from projector import pool_tokens
+    from vision_tower.pooling import pool_tokens
 
     with torch.no_grad():
         ref = pool_tokens(tower(tower.preprocess(corpus / "gen/g00.png")), 2, "average", num_prefix_tokens=1)[0]
@@ -353,6 +356,7 @@ print(peak_mib())
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     """1.13 MiB of features per image: 80 vs 320 images would differ by ~270 MiB if features accumulated.
     glibc's adaptive mmap threshold makes the steady state itself wander by ~50 MiB (freed batch

@@ -50,3 +50,17 @@ def test_features_default_to_what_the_tower_has(capsys):
     assert main(["features", str(PHOTOS[0]), "--random-init", "siglip-base-patch16-224", "-q"]) == 0
     out = capsys.readouterr().out
     assert "(196, 768)" in out and "feature patch" in out
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only errors the user can fix (`UserError`) become one-line messages; a ValueError from a bug propagates."""
+    import pytest
+
+    import vision_tower.cli as cli
+
+    def broken(args):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(cli, "cmd_towers", broken)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["towers"])

@@ -102,7 +102,6 @@ def test_strict_loading_lists_missing_unexpected_and_misshaped(tmp_path):
     model = tiny_clip_vision_model()
     model.save_pretrained(tmp_path)
     sd = {k: v for k, v in model.state_dict().items()}
-    cfg = tmp_path / "config.json"
 
     def write(tensors):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
@@ -120,9 +119,11 @@ def test_strict_loading_lists_missing_unexpected_and_misshaped(tmp_path):
         VisionTower.from_pretrained(tmp_path)
 
     write({**sd, "encoder.layers.0.self_attn.k_proj.weight": torch.zeros(0)})  # what a ZeRO-3 save leaves
-    with pytest.raises(CheckpointError, match=r"wrong shape: blocks\.0\.attn\.qkv\.weight|qkv"):
+    with pytest.raises(CheckpointError, match=r"empty tensors \['encoder\.layers\.0\.self_attn\.k_proj\.weight'\]: .*ZeRO-3"):
         VisionTower.from_pretrained(tmp_path)
-    assert cfg.exists()
+
+    write(sd)  # the same directory, whole again, loads: each refusal above was about its one tensor
+    assert VisionTower.from_pretrained(tmp_path).config.depth == 3
 
 
 def test_only_blocks_up_to_the_deepest_selected_layer_run(clip_vision_dir, pixels):
@@ -143,6 +144,7 @@ def test_only_blocks_up_to_the_deepest_selected_layer_run(clip_vision_dir, pixel
     assert calls == []
 
 
+@pytest.mark.slow
 def test_full_size_vit_l14_336_matches_transformers_at_layer_minus_2():
     """The real ViT-L/14@336 architecture, random weights, one image: shapes and parity."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -184,10 +186,12 @@ def test_native_attention_is_sdpa_in_fp32_and_as_accurate_in_bf16(clip_vision_di
     sdpa = VisionTower.from_pretrained(path)
     with torch.no_grad():
         assert torch.equal(native(pixels), sdpa(pixels))  # fp32: the SDPA path
-    assert torch.equal(native(pixels), sdpa(pixels))  # autograd on: the SDPA path
     native.to(torch.bfloat16)
     sdpa.to(torch.bfloat16)
+    assert torch.equal(native(pixels), sdpa(pixels))  # bf16 with autograd on: the SDPA path
     with torch.no_grad():
-        err_native = (native(pixels).float() - ref).abs().max().item()
-        err_sdpa = (sdpa(pixels).float() - ref).abs().max().item()
+        fast, slow = native(pixels), sdpa(pixels)
+        assert not torch.equal(fast, slow)  # bf16 without autograd: the native kernel really ran
+        err_native = (fast.float() - ref).abs().max().item()
+        err_sdpa = (slow.float() - ref).abs().max().item()
     assert err_native <= 2 * err_sdpa + 1e-2, (err_native, err_sdpa)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from projector import Projector, TokenPool, build_projector, pool_tokens
+from vision_tower.projector import Projector, TokenPool, build_projector, pool_tokens
 
 
 def llava_build_vision_projector(config):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from projector import Projector, build_projector
+from vision_tower.projector import Projector, build_projector
 from vision_tower import CheckpointError, VisionTower, WeightsUnavailableError
 
 

@@ -197,6 +197,7 @@ def test_unknown_attention_implementation_fails_before_loading():
         VisionTower.from_pretrained("clip-vit-large-patch14-336", attn_implementation="flash_attention_3")
 
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_same_features(clip_vision_dir, pixels):
     """`tower.compile()` (nn.Module's) is what `extract --compile` uses; outputs must not change."""
     tower = VisionTower.from_pretrained(clip_vision_dir[0])
@@ -205,3 +206,40 @@ def test_torch_compile_gives_the_same_features(clip_vision_dir, pixels):
         tower.compile()
         compiled = tower(pixels)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_per_call_layers_and_feature_leave_the_tower_as_it_was(clip_vision_dir, pixels):
+    path, _ = clip_vision_dir
+    tower = VisionTower.from_pretrained(path)  # -2, cls_patch
+    other = VisionTower.from_pretrained(path, select_layer=[-2, 1], select_feature="patch")
+    with torch.no_grad():
+        once = tower(pixels, layers=[-2, 1], feature="patch")
+        torch.testing.assert_close(once, other(pixels), rtol=0, atol=0)
+        assert once.shape == (2, 4, 64)
+        assert (tower.select_layer, tower.select_feature, tower.hidden_size) == (-2, "cls_patch", 32)
+        assert tower(pixels).shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="select_feature 'pooled' is not one of"):
+        tower(pixels, feature="pooled")
+    with pytest.raises(ValueError, match="valid indices are -4..3"):
+        tower(pixels, layers=7)
+
+
+def test_from_config_seed_leaves_the_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    VisionTower.from_config("clip-vit-base-patch32", seed=3)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_fused_tower_is_a_vision_tower():
+    from vision_tower import FusedPart, FusedSpec, FusedVisionTower
+    from vision_tower.registry import with_arch
+
+    spec = get_spec("dinosiglip-vit-so-224px")
+    assert [p.name for p in spec.parts] == ["dino", "siglip"]  # named parts, in concatenation order
+    small = FusedSpec("tiny-fused", tuple(FusedPart(p.name, with_arch(p.spec, depth=1)) for p in spec.parts))
+    tower = VisionTower.from_config(small, seed=0)
+    assert isinstance(tower, FusedVisionTower) and isinstance(tower, VisionTower)
+    assert list(tower.towers) == ["dino", "siglip"] and tower.hidden_size == 2176 and tower.num_patches == 256
+    assert tower.frozen and tower.image_size == 224 and tower.num_patches_per_side == 16

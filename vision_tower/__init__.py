@@ -1,16 +1,21 @@
-"""vision-tower: the vision side of LLaVA- and OpenVLA-style models."""
+"""vision-tower: the vision side of LLaVA- and OpenVLA-style models.
 
-from .checkpoints import CheckpointError, WeightsUnavailableError
-from .preprocess import ImageLoadError, ImageProcessor, ImageTransform, PreprocessConfig, load_image, preprocess
-from .registry import DEFAULT_TOWER, FusedSpec, TowerSpec, get_spec, list_towers
+Layers, each importing only from those above it in this list (docs/architecture.md):
+errors / distributed / faults -> preprocess -> vit -> registry -> checkpoints -> formats -> loading ->
+tower -> llava; pooling, data, cache -> extract; projector -> training -> cli.
+"""
+
+from .errors import CacheError, CheckpointError, ConfigError, ImageLoadError, UserError, WeightsUnavailableError
+from .preprocess import ImageProcessor, ImageTransform, PreprocessConfig, load_image, preprocess
+from .registry import DEFAULT_TOWER, FusedPart, FusedSpec, TowerSpec, get_spec, list_towers
 from .tower import FusedVisionTower, VisionTower
+from .version import __version__
 from .vit import ViTConfig, VisionTransformer
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "VisionTower", "FusedVisionTower", "list_towers", "get_spec", "TowerSpec", "FusedSpec", "DEFAULT_TOWER",
+    "VisionTower", "FusedVisionTower", "list_towers", "get_spec", "TowerSpec", "FusedSpec", "FusedPart", "DEFAULT_TOWER",
     "ViTConfig", "VisionTransformer",
     "PreprocessConfig", "ImageProcessor", "ImageTransform", "preprocess", "load_image",
-    "CheckpointError", "WeightsUnavailableError", "ImageLoadError", "__version__",
+    "UserError", "ConfigError", "CheckpointError", "WeightsUnavailableError", "ImageLoadError", "CacheError",
+    "__version__",
 ]

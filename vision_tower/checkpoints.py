@@ -8,6 +8,7 @@ missing, unexpected or wrongly shaped tensor is an error that lists them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +16,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .errors import CheckpointError, WeightsUnavailableError
 from .preprocess import PreprocessConfig
 from .vit import ViTConfig
 
-
-class WeightsUnavailableError(OSError):
-    """The weights could not be found locally or fetched; the message says how to proceed."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint's contents do not fit the tower (keys, shapes, config)."""
-
+__all__ = ["CheckpointError", "WeightsUnavailableError", "Checkpoint", "locate", "fetch_file", "fetch_config",
+           "read_json", "weight_files_in", "list_keys", "read_tensors", "load_into", "state_dict_sha256",
+           "offline_help", "preprocess_from_checkpoint"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -65,7 +62,8 @@ def locate(name_or_path: str, revision: str | None = None) -> Checkpoint:
     return _from_hub(name_or_path, revision)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON file's content; None when there is no such file; `CheckpointError` naming it when it is not JSON."""
     if not path.is_file():
         return None
     try:
@@ -84,12 +82,12 @@ def weight_files_in(d: Path, names: tuple[str, ...] = _WEIGHT_FILES) -> tuple[Pa
 
 def _from_directory(source: str, d: Path) -> Checkpoint:
     """A save_pretrained directory; without config.json its format is read from its keys."""
-    config = _read_json(d / "config.json") or {}
-    return Checkpoint(source, d, weight_files_in(d), config, _read_json(d / "preprocessor_config.json"))
+    config = read_json(d / "config.json") or {}
+    return Checkpoint(source, d, weight_files_in(d), config, read_json(d / "preprocessor_config.json"))
 
 
 def _shard_files(index: Path) -> tuple[Path, ...]:
-    weight_map = (_read_json(index) or {}).get("weight_map")
+    weight_map = (read_json(index) or {}).get("weight_map")
     if not weight_map:
         raise CheckpointError(f"{index} has no weight_map")
     files = tuple(index.parent / f for f in dict.fromkeys(weight_map.values()))
@@ -133,7 +131,7 @@ def fetch_config(name_or_path: str, revision: str | None = None) -> dict[str, An
     """Only the `config.json` of a local directory or Hub repo (no weights are fetched)."""
     path = Path(name_or_path).expanduser()
     found = fetch_file(name_or_path, "config.json", revision)
-    config = _read_json(found) if found else None
+    config = read_json(found) if found else None
     if config is None:
         if path.is_dir():
             raise CheckpointError(f"{path} has no config.json; expected a directory written by transformers' save_pretrained")
@@ -148,7 +146,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
         if found is None:
             continue
         if name.endswith(".index.json"):
-            shards = dict.fromkeys((_read_json(found) or {}).get("weight_map", {}).values())
+            shards = dict.fromkeys((read_json(found) or {}).get("weight_map", {}).values())
             paths = [_hub_fetch(repo_id, s, revision) for s in shards]
             if any(p is None for p in paths):
                 raise WeightsUnavailableError(offline_help(repo_id, f"some shards of {name} are neither cached nor downloadable"))
@@ -156,7 +154,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
         else:
             files = (found,)
         preproc_path = _hub_fetch(repo_id, "preprocessor_config.json", revision)
-        return Checkpoint(repo_id, found.parent, files, config, _read_json(preproc_path) if preproc_path else None)
+        return Checkpoint(repo_id, found.parent, files, config, read_json(preproc_path) if preproc_path else None)
     raise WeightsUnavailableError(offline_help(repo_id, f"none of {', '.join(_WEIGHT_FILES)} is cached or downloadable"))
 
 
@@ -196,7 +194,20 @@ def _torch_load(f: Path) -> dict[str, Any]:
 
 
 def read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors whose names pass `keep`, cast to `dtype` one at a time (no full-model copy)."""
+    """The tensors whose names pass `keep`, cast to `dtype` one at a time (no full-model copy).
+
+    Empty tensors are refused: they are what a DeepSpeed ZeRO-3 save leaves of partitioned parameters,
+    and converters would otherwise report them as a confusing shape mismatch."""
+    out = _read_tensors(files, keep, dtype)
+    empty = sorted(k for k, v in out.items() if v.numel() == 0)
+    if empty:
+        more = f" and {len(empty) - 20} more" if len(empty) > 20 else ""
+        raise CheckpointError(f"empty tensors {empty[:20]}{more}: the checkpoint was saved under DeepSpeed ZeRO-3 "
+                              "without gathering the parameters (gather them when saving, or use zero_to_fp32.py)")
+    return out
+
+
+def _read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
@@ -245,6 +256,16 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) 
     if problems:
         raise CheckpointError(f"checkpoint {source!r} does not fit the tower; " + "; ".join(problems))
     model.load_state_dict(sd, strict=True, assign=True)
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's tensors (names, shapes, bytes): what a cache records as its weights' identity."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _short(items: list[str], n: int = 20) -> str:

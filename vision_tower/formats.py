@@ -341,8 +341,8 @@ def to_hf_clip(sd: Mapping[str, torch.Tensor], arch: ViTConfig) -> Tensors:
                     "post_layernorm.weight": torch.ones(arch.width), "post_layernorm.bias": torch.zeros(arch.width)}
     for i in range(arch.depth):
         src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
-        for ours, theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.proj", "self_attn.out_proj"),
-                             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+        for ours, candidates in _HF_BLOCK.items():
+            theirs = candidates[0]  # CLIP's names come first
             for t in ("weight", "bias"):
                 out[f"{dst}{theirs}.{t}"] = sd[f"{src}{ours}.{t}"]
         for t in ("weight", "bias"):

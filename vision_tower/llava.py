@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .tower import VisionTower, describe
-from .vit import ViTConfig
+from .errors import ConfigError
+from .loading import describe
+from .tower import VisionTower
+from .vit import PatchGeometry, ViTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ def _hf_config(arch: ViTConfig, family: str):
 
     cls = {"clip": tf.CLIPVisionConfig, "siglip": tf.SiglipVisionConfig}.get(family)
     if cls is None:
-        raise ValueError(f"LLaVA has no {family} vision tower; the drop-in builds clip and siglip")
+        raise ConfigError(f"LLaVA has no {family} vision tower; the drop-in builds clip and siglip")
     act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[arch.act]
     return cls(
         hidden_size=arch.width, intermediate_size=arch.mlp_dim, num_hidden_layers=arch.depth,
@@ -41,7 +43,7 @@ def _hf_config(arch: ViTConfig, family: str):
     )
 
 
-class CLIPVisionTower(nn.Module):
+class CLIPVisionTower(nn.Module, PatchGeometry):
     """LLaVA's vision-tower contract, backed by `VisionTower`: CLIP, or SigLIP as LLaVA-NeXT's
     `SigLipVisionTower` (its `"patch"` feature is every token: SigLIP has no CLS to drop)."""
 
@@ -52,12 +54,12 @@ class CLIPVisionTower(nn.Module):
         self.select_layer = args.mm_vision_select_layer
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         if self.select_feature not in ("patch", "cls_patch"):
-            raise ValueError(f"Unexpected select feature: {self.select_feature}")
+            raise ConfigError(f"Unexpected select feature: {self.select_feature}")
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False):
             self.load_model()
         else:
-            family, arch = describe(vision_tower)
-            self.cfg_only = _hf_config(arch, family)
+            family, self._arch = describe(vision_tower)
+            self.cfg_only = _hf_config(self._arch, family)
 
     def load_model(self, device_map: Any = None) -> None:
         if self.is_loaded:
@@ -100,20 +102,8 @@ class CLIPVisionTower(nn.Module):
         return self.vision_tower.hidden_size if self.is_loaded else self.config.hidden_size
 
     @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    @property
-    def num_patches_per_side(self) -> int:
-        return self.config.image_size // self.config.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.num_patches_per_side**2
+    def geometry(self) -> ViTConfig:
+        return self.vision_tower.geometry if self.is_loaded else self._arch
 
     @property
     def num_tokens(self) -> int:
@@ -127,8 +117,8 @@ def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> CLIPVisionTower:
     """LLaVA's builder: reads `mm_vision_tower` (or `vision_tower`); the family comes from the checkpoint."""
     name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", None))
     if not name:
-        raise ValueError("the config names no vision tower: set `mm_vision_tower` (or `vision_tower`)")
+        raise ConfigError("the config names no vision tower: set `mm_vision_tower` (or `vision_tower`)")
     family, arch = describe(name)  # from the checkpoint's model_type, before any weights are fetched
     if family not in ("clip", "siglip"):
-        raise ValueError(f"Unknown vision tower: {name!r} is a {family} model; LLaVA builds clip and siglip towers")
+        raise ConfigError(f"Unknown vision tower: {name!r} is a {family} model; LLaVA builds clip and siglip towers")
     return CLIPVisionTower(name, args=vision_tower_cfg, **kwargs)

@@ -2,7 +2,7 @@
 
 Decoding and geometry run in PIL with the same arithmetic as transformers' PIL image processor
 (`CLIPImageProcessorPil`, the path LLaVA was trained with), so a tower sees the pixels its
-checkpoint expects. Three modes:
+checkpoint expects. Four modes:
 
 - ``crop``: shortest edge to `resize_size`, bicubic, center crop to `image_size` (CLIP default).
 - ``pad``: LLaVA-1.5's `expand2square` with background `int(mean * 255)`, then ``crop``.
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import ConfigError, ImageLoadError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -42,10 +44,6 @@ _RESAMPLE = {
 }
 
 
-class ImageLoadError(ValueError):
-    """An input could not be read as an image; the message names the input."""
-
-
 # Larger images are refused before decoding (PIL's own decompression-bomb threshold).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
@@ -61,9 +59,9 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE)}")
+            raise ConfigError(f"interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE)}")
         if self.default_mode not in MODES:
-            raise ValueError(f"default_mode {self.default_mode!r} is not one of {MODES}")
+            raise ConfigError(f"default_mode {self.default_mode!r} is not one of {MODES}")
 
     @property
     def shortest_edge(self) -> int:
@@ -80,14 +78,14 @@ class PreprocessConfig:
                 return int(v["shortest_edge"])
             if isinstance(v, dict) and "height" in v and "width" in v:
                 if v["height"] != v["width"]:
-                    raise ValueError(f"preprocessor_config.json: non-square {key} {v} is not supported")
+                    raise ConfigError(f"preprocessor_config.json: non-square {key} {v} is not supported")
                 return int(v["height"])
-            raise ValueError(f"preprocessor_config.json: cannot read {key}={v!r}")
+            raise ConfigError(f"preprocessor_config.json: cannot read {key}={v!r}")
 
         size = side(d["size"], "size") if "size" in d else None
         crop = side(d["crop_size"], "crop_size") if d.get("do_center_crop", True) and "crop_size" in d else None
         if size is None and crop is None:
-            raise ValueError("preprocessor_config.json has neither `size` nor `crop_size`")
+            raise ConfigError("preprocessor_config.json has neither `size` nor `crop_size`")
         return cls(
             image_size=crop or size,
             resize_size=size,
@@ -202,7 +200,7 @@ def transform(img: Image.Image, cfg: PreprocessConfig, mode: Mode | None = None)
         if (top, left) != (0, 0) or (new_w, new_h) != (S, S):
             img = _center_crop(img, top, left, S)
     else:
-        raise ValueError(f"preprocess mode {mode!r} is not one of {MODES}")
+        raise ConfigError(f"preprocess mode {mode!r} is not one of {MODES}")
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (S, S, 3) uint8
     x = x.permute(2, 0, 1).float().div_(255.0)  # (3, S, S)
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(3, 1, 1)
@@ -218,11 +216,11 @@ def _center_crop(img: Image.Image, top: int, left: int, size: int) -> Image.Imag
 def preprocess(images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig, mode: Mode | None = None) -> torch.Tensor:
     """One image or a sequence of them -> (B, 3, S, S) float32."""
     if mode is not None and mode not in MODES:
-        raise ValueError(f"preprocess mode {mode!r} is not one of {MODES}")
+        raise ConfigError(f"preprocess mode {mode!r} is not one of {MODES}")
     if not isinstance(images, (list, tuple)):
         images = [images]
     if len(images) == 0:
-        raise ValueError("preprocess got an empty list of images")
+        raise ConfigError("preprocess got an empty list of images")
     return torch.stack([transform(load_image(im), cfg, mode) for im in images])
 
 
@@ -233,7 +231,7 @@ class ImageTransform:
 
     def __init__(self, configs: Sequence[PreprocessConfig], mode: Mode | None = None) -> None:
         if mode is not None and mode not in MODES:
-            raise ValueError(f"preprocess mode {mode!r} is not one of {MODES}")
+            raise ConfigError(f"preprocess mode {mode!r} is not one of {MODES}")
         self.configs, self.mode = list(configs), mode
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
@@ -268,7 +266,7 @@ class ImageProcessor:
             data = list(pixels.numpy()) if return_tensors is None else pixels.numpy()
             return BatchFeature({"pixel_values": data})
         if return_tensors != "pt":
-            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None")
+            raise ConfigError(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None")
         return BatchFeature({"pixel_values": pixels})
 
     __call__ = preprocess

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .errors import ConfigError
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, PreprocessConfig
-from .vit import ViTConfig
+from .vit import PatchGeometry, ViTConfig
 
 FAMILIES: tuple[str, ...] = ("clip", "siglip", "dinov2", "fused")
 
 
 @dataclass(frozen=True)
-class TowerSpec:
+class TowerSpec(PatchGeometry):
     name: str
     hub_id: str
     family: str
@@ -24,12 +25,8 @@ class TowerSpec:
     description: str = ""
 
     @property
-    def image_size(self) -> int:
-        return self.arch.image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.arch.patch_size
+    def geometry(self) -> ViTConfig:
+        return self.arch
 
     @property
     def width(self) -> int:
@@ -50,31 +47,59 @@ class TowerSpec:
 
 
 @dataclass(frozen=True)
-class FusedSpec:
-    """Several towers on the same image, patch tokens concatenated on the channel axis (Prismatic
-    "dinosiglip"). Each part: (registry tower or spec, Hub id of the weights it was trained from, format)."""
+class FusedPart:
+    """One tower of a fused tower. `name` keys its module, its input (`{"dino": pixels, ...}`) and its
+    place in the concatenation; `hub_id` and `format` say where its weights come from when the fused
+    tower is built from the registry."""
 
     name: str
-    parts: tuple[tuple[str | TowerSpec, str, str], ...]
+    tower: str | TowerSpec
+    hub_id: str = ""
+    format: str = "timm"
+
+    @property
+    def spec(self) -> TowerSpec:
+        if isinstance(self.tower, TowerSpec):
+            return self.tower
+        spec = next((s for s in _SPECS if s.name == self.tower), None)
+        if spec is None:
+            raise ConfigError(f"fused part {self.name!r}: {self.tower!r} is not a registered single tower; known: "
+                              f"{', '.join(s.name for s in _SPECS)}")
+        return spec
+
+
+@dataclass(frozen=True)
+class FusedSpec(PatchGeometry):
+    """Several towers on the same image, patch tokens concatenated on the channel axis in the order
+    of `parts` (Prismatic "dinosiglip"). Parts may also be given as (tower, hub_id, format) tuples;
+    they are then named after their family ("dino", "siglip", ...)."""
+
+    name: str
+    parts: tuple[FusedPart, ...]
     default_mode: str = "squash"
     description: str = ""
     family: str = "fused"
 
+    def __post_init__(self) -> None:
+        parts = tuple(p if isinstance(p, FusedPart) else _part_from_tuple(*p) for p in self.parts)
+        object.__setattr__(self, "parts", parts)
+        names = [p.name for p in parts]
+        if len(parts) < 2 or len(set(names)) != len(names):
+            raise ConfigError(f"fused tower {self.name!r} needs two or more parts with distinct names; got {names}")
+        if len({(s.image_size, s.arch.grid_size) for s in self.part_specs}) != 1:
+            raise ConfigError(f"the parts of fused tower {self.name!r} need the same image size and patch grid")
+
     @property
     def hub_id(self) -> str:
-        return " + ".join(hub for _, hub, _ in self.parts)
+        return " + ".join(p.hub_id for p in self.parts)
 
     @property
     def part_specs(self) -> list[TowerSpec]:
-        return [get_spec(p) if isinstance(p, str) else p for p, _, _ in self.parts]  # type: ignore[misc]
+        return [p.spec for p in self.parts]
 
     @property
-    def image_size(self) -> int:
-        return self.part_specs[0].image_size
-
-    @property
-    def patch_size(self) -> int:
-        return self.part_specs[0].patch_size
+    def geometry(self) -> ViTConfig:
+        return self.part_specs[0].arch
 
     @property
     def width(self) -> int:
@@ -90,7 +115,15 @@ class FusedSpec:
 
     @property
     def num_tokens(self) -> int:
-        return self.part_specs[0].arch.num_patches
+        return self.num_patches
+
+
+PART_NAMES = {"dinov2": "dino", "siglip": "siglip", "clip": "clip"}  # a part's default name, by family
+
+
+def _part_from_tuple(tower: str | TowerSpec, hub_id: str, format: str) -> FusedPart:
+    spec = FusedPart("", tower).spec
+    return FusedPart(PART_NAMES.get(spec.family, spec.name), tower, hub_id, format)
 
 
 def family_preprocess(family: str, image_size: int, default_mode: str | None = None) -> PreprocessConfig:
@@ -103,7 +136,7 @@ def family_preprocess(family: str, image_size: int, default_mode: str | None = N
     if family == "dinov2":  # transformers' BitImageProcessor: 256 -> crop 224, i.e. crop_pct 0.875
         return PreprocessConfig(image_size=image_size, resize_size=round(image_size / 0.875), mean=IMAGENET_MEAN,
                                 std=IMAGENET_STD, default_mode=default_mode or "crop")
-    raise ValueError(f"no default preprocessing for family {family!r}")
+    raise ConfigError(f"no default preprocessing for family {family!r}")
 
 
 def _clip(name: str, hub_id: str, *, size: int, patch: int, width: int, depth: int, heads: int, description: str) -> TowerSpec:
@@ -164,8 +197,8 @@ _SPECS: tuple[TowerSpec, ...] = (
 _FUSED: tuple[FusedSpec, ...] = (
     FusedSpec(
         name="dinosiglip-vit-so-224px",
-        parts=(("dinov2-large-reg4", "timm/vit_large_patch14_reg4_dinov2.lvd142m", "timm"),
-               ("siglip-so400m-patch14-224", "timm/vit_so400m_patch14_siglip_224.webli", "timm")),
+        parts=(FusedPart("dino", "dinov2-large-reg4", "timm/vit_large_patch14_reg4_dinov2.lvd142m", "timm"),
+               FusedPart("siglip", "siglip-so400m-patch14-224", "timm/vit_so400m_patch14_siglip_224.webli", "timm")),
         default_mode="squash",
         description="OpenVLA / Prismatic fused DINOv2 + SigLIP; 256 tokens x 2176",
     ),
@@ -180,7 +213,7 @@ def list_towers() -> list[str]:
 
 def get_spec(name: str) -> TowerSpec | FusedSpec:
     if name not in REGISTRY:
-        raise ValueError(f"unknown tower {name!r}; known towers: {', '.join(REGISTRY)}")
+        raise ConfigError(f"unknown tower {name!r}; known towers: {', '.join(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -195,11 +228,20 @@ def match_spec(family: str, width: int, depth: int, patch_size: int, grid: int) 
     Among towers of that family and shape, the one trained at the checkpoint's grid wins."""
     same = [s for s in _SPECS if (s.family, s.width, s.depth, s.patch_size) == (family, width, depth, patch_size)]
     if not same:
-        raise ValueError(
+        raise ConfigError(
             f"no registered {family} tower has width {width}, depth {depth} and patch {patch_size}; pass tower= a "
             f"TowerSpec describing it"
         )
     return next((s for s in same if s.arch.grid_size == grid), same[0])
+
+
+def match_fused(families: list[str]) -> FusedSpec:
+    """The registered fused tower whose parts are of these families (in any order): a checkpoint
+    holding several featurizers names their families through its keys, not the fused tower it is."""
+    for spec in _FUSED:
+        if sorted(s.family for s in spec.part_specs) == sorted(families):
+            return spec
+    raise ConfigError(f"no registered fused tower has parts of families {sorted(families)}; pass tower= a FusedSpec")
 
 
 def with_arch(spec: TowerSpec, **changes: object) -> TowerSpec:

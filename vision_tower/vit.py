@@ -6,20 +6,28 @@ is data (`ViTConfig`); parameter names and shapes follow timm's `VisionTransform
 checkpoint format is converted into them by `vision_tower.formats`, so the forward pass never
 depends on where the weights came from.
 
-Hidden-state indexing follows transformers' `output_hidden_states` convention:
-index 0 is the token embedding (after the pre-norm, where the model has one), index i is the
-output of block i, so a model of depth D has D + 1 hidden states.
+Two ways to ask for inner layers, each meaning exactly what its model library means:
+
+- `forward_hidden_states(x, indices)` counts as transformers' `output_hidden_states` (and LLaVA's
+  `mm_vision_select_layer`): index 0 is the token embedding (after the pre-norm, where the model has
+  one), index i is the output of block i, so a model of depth D has D + 1 hidden states.
+- `forward_intermediates(x, indices, ...)` counts as timm's: index i is the output of block i
+  (0-based), an int n means the last n blocks, and tokens come back as timm returns them.
+
+Both run the blocks only as far as needed (timm's only with `stop_early=True`, as in timm).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .errors import ConfigError
 
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
 AttnImpl = Literal["sdpa", "eager", "native"]
@@ -28,7 +36,7 @@ ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "native")
 
 def check_attn_implementation(name: str) -> AttnImpl:
     if name not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation={name!r} is not supported; expected one of {ATTN_IMPLEMENTATIONS}")
+        raise ConfigError(f"attn_implementation={name!r} is not supported; expected one of {ATTN_IMPLEMENTATIONS}")
     return name  # type: ignore[return-value]
 
 
@@ -54,11 +62,11 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         if self.image_size < self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+            raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+            raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.num_registers and self.class_token and self.class_pos_embed:
-            raise ValueError("register tokens need class_pos_embed=False (fold the class position into the token)")
+            raise ConfigError("register tokens need class_pos_embed=False (fold the class position into the token)")
 
     @property
     def grid_size(self) -> int:
@@ -81,6 +89,31 @@ class ViTConfig:
         return self.num_prefix_tokens + self.num_patches
 
 
+class PatchGeometry:
+    """The patch-grid geometry every tower-shaped object reports (specs, towers, the LLaVA drop-in),
+    written once and read from `self.geometry`, a `ViTConfig`."""
+
+    @property
+    def geometry(self) -> ViTConfig:
+        raise NotImplementedError
+
+    @property
+    def image_size(self) -> int:
+        return self.geometry.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.geometry.patch_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.geometry.grid_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.geometry.num_patches
+
+
 def _activation(name: Activation) -> nn.Module:
     if name == "quick_gelu":
         return QuickGELU()
@@ -88,7 +121,7 @@ def _activation(name: Activation) -> nn.Module:
         return nn.GELU()
     if name == "gelu_tanh":
         return nn.GELU(approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}; expected one of quick_gelu, gelu, gelu_tanh")
+    raise ConfigError(f"unknown activation {name!r}; expected one of quick_gelu, gelu, gelu_tanh")
 
 
 class QuickGELU(nn.Module):
@@ -106,9 +139,9 @@ class Attention(nn.Module):
 
     `attn_implementation`: "sdpa" (default; the kernel transformers uses, so features match it bit
     for bit), "eager" (plain matmuls, fp32 softmax), or "native": PyTorch's fused inference MHA
-    (`torch._native_multi_head_attention`, nn.MultiheadAttention's fast path), which is ~1.2x faster
-    than SDPA for bf16 on CPUs but rounds differently; used only without autograd on a CPU in
-    bf16/fp16, SDPA otherwise."""
+    (`torch._native_multi_head_attention`, nn.MultiheadAttention's fast path): the whole ViT-L runs
+    1.13-1.16x faster than with SDPA in bf16 on 2 CPU cores (benchmarks/README.md), but rounds
+    differently; used only without autograd on a CPU in bf16/fp16, SDPA otherwise."""
 
     def __init__(self, width: int, heads: int, attn_implementation: AttnImpl = "sdpa") -> None:
         super().__init__()
@@ -244,8 +277,24 @@ class VisionTransformer(nn.Module):
             x = torch.cat([*prefix, x], dim=1)  # (B, prefix + h*w, C)
         return self.norm_pre(x)
 
-    def forward_intermediates(self, pixels: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
-        """Hidden states `indices` (non-negative, `hidden_states` convention), in that order.
+    def _blocks(self, x: torch.Tensor, stop: int, keep: set[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run blocks 1..stop on the embeddings x; the outputs of the blocks in `keep` (1-based), and the last."""
+        kept = {}
+        for i, blk in enumerate(self.blocks[:stop], start=1):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in keep:
+                kept[i] = x
+        return x, kept
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, prefix + h*w, C): the last block's tokens (there is no post-norm or head)."""
+        return self._blocks(self.embed(pixels), self.cfg.depth, set())[0]
+
+    def forward_hidden_states(self, pixels: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Hidden states `indices` (non-negative, transformers' `hidden_states` convention), in that order.
 
         Runs the blocks only up to the deepest requested index and keeps only the requested
         states, so asking for layer -2 of a 24-block tower runs 23 blocks and stores one tensor.
@@ -253,14 +302,52 @@ class VisionTransformer(nn.Module):
         wanted = set(indices)
         stop = max(wanted)
         if min(wanted) < 0 or stop > self.cfg.depth:
-            raise ValueError(f"hidden-state indices must lie in [0, {self.cfg.depth}]; got {sorted(wanted)}")
+            raise ConfigError(f"hidden-state indices must lie in [0, {self.cfg.depth}]; got {sorted(wanted)}")
         x = self.embed(pixels)  # (B, N, C)
         kept = {0: x} if 0 in wanted else {}
-        for i, blk in enumerate(self.blocks[:stop], start=1):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-            if i in wanted:
-                kept[i] = x
+        kept |= self._blocks(x, stop, wanted)[1]
         return [kept[i] for i in indices]
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Union[int, Sequence[int], None] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's `VisionTransformer.forward_intermediates`, with timm's meaning: `indices` counts
+        blocks from 0 (an int n takes the last n blocks, negative indices count from the end); the
+        intermediates come in block order, patch tokens as (B, C, h, w) for "NCHW" or (B, h*w, C) for
+        "NLC", paired with their prefix tokens (B, prefix, C) when `return_prefix_tokens`. Returns
+        `(last tokens, intermediates)`, or the intermediates alone. There is no final norm to apply
+        (`norm=True` is refused). Use `forward_hidden_states` to count as transformers does."""
+        if norm:
+            raise ConfigError("this ViT has no final norm (VLMs read hidden states, the post-norm is not loaded)")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ConfigError(f"output_fmt {output_fmt!r} is not 'NCHW' or 'NLC'")
+        depth = self.cfg.depth
+        if indices is None:
+            indices = depth
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ConfigError(f"take the last n blocks with 0 < n <= {depth}; got {indices}")
+            take = list(range(depth - indices, depth))
+        else:
+            take = [depth + i if i < 0 else i for i in indices]
+            if not take or not all(0 <= i < depth for i in take):
+                raise ConfigError(f"block indices must lie in [{-depth}, {depth - 1}]; got {list(indices)}")
+        B, _, H, W = x.shape
+        stop = max(take) + 1 if stop_early else depth
+        last, kept = self._blocks(self.embed(x), stop, {i + 1 for i in take})
+        states = [kept[i + 1] for i in sorted(set(take))]  # block order, as timm appends them
+        p = self.cfg.num_prefix_tokens
+        prefixes = [h[:, :p] for h in states]  # (B, prefix, C)
+        states = [h[:, p:] for h in states]  # (B, h*w, C)
+        if output_fmt == "NCHW":
+            h, w = H // self.cfg.patch_size, W // self.cfg.patch_size
+            states = [s.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for s in states]  # (B, C, h, w)
+        out = list(zip(states, prefixes)) if return_prefix_tokens and p else states
+        return out if intermediates_only else (last, out)

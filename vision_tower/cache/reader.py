@@ -1,26 +1,9 @@
-"""A feature cache on disk: shards of safetensors, one JSON manifest per shard, and the metadata
-of everything that changes the features.
-
-Layout::
-
-    CACHE/metadata.json                    what the features are (tower, weights hash, preprocessing, ...)
-    CACHE/shards/shard-000042.safetensors  one tensor "features" (n, T, C)
-    CACHE/shards/shard-000042.json         its manifest: keys (row order), failures, data_sha256, bytes
-
-A shard is streamed to a temporary file, fsynced and renamed; only then is its manifest written
-(also via a temporary file and a rename). The manifests are the index: a reader sees a shard only
-once its manifest exists, so a crash at any point leaves either a complete, indexed shard or
-nothing that a reader sees. Shard i always holds the keys [i * shard_size, (i + 1) * shard_size) of
-the run's key list, which is what makes resume and multi-process runs give the same cache.
-"""
+"""Reading a cache: `FeatureCache` (memory-mapped rows by key), `verify`, and `inspect_cache`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
-import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,118 +12,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-FORMAT = "vision-tower-feature-cache"
-VERSION = 1
-_HEADER_RESERVE = 4096  # bytes kept for the safetensors header, so data can be streamed before n is known
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
-
-
-class CacheError(ValueError):
-    """A cache that cannot be used as asked: other settings, missing keys, a damaged shard."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}"
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write, fsync, rename: the file is either the old one or the complete new one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def file_sha256(path: Path, chunk: int = 16 << 20, start: int = 0) -> str:
-    """sha256 of the file's bytes from `start` on."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(start)
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype) -> bytes:
-    """The first `_HEADER_RESERVE` bytes of a shard of n rows: the safetensors header length, the
-    JSON header, and space padding (as the format allows)."""
-    header = json.dumps({"features": {"dtype": _DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
-                                      "data_offsets": [0, n * tokens * channels * dtype.itemsize]},
-                         "__metadata__": {"format": FORMAT}}, separators=(",", ":")).encode()
-    room = _HEADER_RESERVE - 8
-    if len(header) > room:
-        raise CacheError(f"safetensors header of {len(header)} bytes does not fit the reserved {room}")
-    return struct.pack("<Q", room) + header + b" " * (room - len(header))
-
-
-class ShardWriter:
-    """Streams (b, T, C) batches into one safetensors file whose header is written last.
-
-    The header's length is fixed in advance (`_HEADER_RESERVE`), so rows go to disk as they arrive
-    and a shard never has to sit in memory whole. Rows are hashed on their way out (`data_sha256`),
-    so closing never reads the file back."""
-
-    def __init__(self, final: Path, tokens: int, channels: int, dtype: torch.dtype) -> None:
-        self.final = final
-        self.tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-        self.shape = (tokens, channels)
-        self.dtype = dtype
-        self.n = 0
-        self._hash = hashlib.sha256()
-        self._f = open(self.tmp, "wb")
-        self._f.write(b"\0" * _HEADER_RESERVE)
-
-    def write(self, batch: torch.Tensor) -> None:
-        if tuple(batch.shape[1:]) != self.shape or batch.dtype != self.dtype:
-            raise CacheError(f"batch {tuple(batch.shape)} {batch.dtype} does not fit shard rows {self.shape} {self.dtype}")
-        data = memoryview(batch.contiguous().view(torch.uint8).numpy()).cast("B")  # zero-copy bytes of the rows
-        self._f.write(data)
-        self._hash.update(data)
-        self.n += batch.shape[0]
-
-    def close(self) -> tuple[str, int]:
-        """Header, fsync, rename into place. Returns (sha256 of the rows, bytes of the file)."""
-        self._f.seek(0)
-        self._f.write(shard_header(self.n, *self.shape, self.dtype))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-        return self._hash.hexdigest(), _HEADER_RESERVE + self.n * self.shape[0] * self.shape[1] * self.dtype.itemsize
-
-    def abort(self) -> None:
-        self._f.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _open_rows(path: Path) -> torch.Tensor:
-    """A shard's (n, T, C) tensor as a copy-on-write memory map: zero-copy rows, no file writes."""
-    with open(path, "rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-        info = header["features"]
-        dtype = _NAME_DTYPES[info["dtype"]]
-        n, T, C = info["shape"]
-        if n == 0:
-            return torch.empty(0, T, C, dtype=dtype)
-        # Private (copy-on-write), read lazily: opening a shard for one row must not read all of it.
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    start = 8 + header_len + info["data_offsets"][0]
-    return torch.frombuffer(mm, dtype=dtype, count=n * T * C, offset=start).view(n, T, C)
+from ..errors import CacheError
+from .format import FORMAT, HEADER_RESERVE, file_sha256, open_rows, shard_header
 
 
 class FeatureCache:
@@ -195,7 +68,7 @@ class FeatureCache:
         if os.getpid() != self._pid:  # a forked DataLoader worker: map the shards anew
             self._rows, self._pid = {}, os.getpid()
         if shard not in self._rows:
-            self._rows[shard] = _open_rows(self.path / "shards" / self.manifests[shard]["file"])
+            self._rows[shard] = open_rows(self.path / "shards" / self.manifests[shard]["file"])
         return self._rows[shard]
 
     def _locate(self, key: str) -> tuple[int, int]:
@@ -249,11 +122,11 @@ class FeatureCache:
                 bad[name] = f"size {path.stat().st_size} != {manifest['bytes']}"
             elif "data_sha256" in manifest:  # the header is checked byte for byte, the rows by their hash
                 with open(path, "rb") as f:
-                    header = f.read(_HEADER_RESERVE)
+                    header = f.read(HEADER_RESERVE)
                 m = self.metadata
                 if header != shard_header(len(manifest["keys"]), m["tokens"], m["channels"], getattr(torch, m["dtype"])):
                     bad[name] = "header does not match the manifest"
-                elif file_sha256(path, start=_HEADER_RESERVE) != manifest["data_sha256"]:
+                elif file_sha256(path, start=HEADER_RESERVE) != manifest["data_sha256"]:
                     bad[name] = "checksum mismatch"
             elif file_sha256(path) != manifest["sha256"]:  # older manifests: a hash of the whole file
                 bad[name] = "checksum mismatch"
@@ -306,3 +179,18 @@ class CacheDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[str, torch.Tensor]:
         key = self.keys[i]
         return key, self.cache[key].clone()  # own the memory before it crosses a worker boundary
+
+
+def inspect_cache(path: str | os.PathLike) -> str:
+    """A cache's metadata, counts and first failures, as `vision-tower inspect` prints them."""
+    cache = FeatureCache(path)
+    m = cache.metadata
+    lines = [f"{path}: {len(cache)} features, {len(cache.failures)} failed, {len(cache.manifests)} shards "
+             f"(of {-(-m['num_keys'] // m['shard_size'])})"]
+    lines += [f"  {k}: {v}" for k, v in m.items() if k != "preprocess"]
+    lines.append(f"  preprocess: {json.dumps(m['preprocess'])}")
+    for key, reason in list(cache.failures.items())[:20]:
+        lines.append(f"  failed {key}: {reason}")
+    if len(cache.failures) > 20:
+        lines.append(f"  ... {len(cache.failures) - 20} more failures")
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""A feature cache on disk: safetensors shards, a JSON manifest per shard, and the metadata of
+everything that changes the features (see `format.py` for the layout and its guarantees).
+
+    from vision_tower.cache import FeatureCache
+    cache = FeatureCache("cache/clip336", feature="patch")
+    feats = cache["00453/004539375.jpg"]          # (576, 1024), memory-mapped
+"""
+
+from ..errors import CacheError
+from .format import (
+    FORMAT, HEADER_RESERVE, VERSION, ShardWriter, cache_metadata, check_or_write_metadata, file_sha256, manifest_path,
+    open_rows, shard_header, shard_manifest, shard_name, write_json_atomic,
+)
+from .reader import CacheDataset, FeatureCache, inspect_cache
+from .writer import CacheWriter, clean_shard
+
+__all__ = [
+    "FeatureCache", "CacheDataset", "CacheWriter", "CacheError", "ShardWriter", "inspect_cache", "FORMAT", "VERSION",
+    "HEADER_RESERVE", "cache_metadata", "check_or_write_metadata", "clean_shard", "file_sha256", "open_rows",
+    "manifest_path", "shard_header", "shard_manifest", "shard_name", "write_json_atomic",
+]

@@ -1,0 +1,109 @@
+"""Dataset inputs shared by extraction and training: LLaVA JSON records, image keys, and the image root.
+
+A *key* is an image path relative to the image root, exactly as LLaVA's JSON writes it
+(`00453/004539375.jpg`). Keys are what the cache is indexed by and what training joins on, so
+both read them here, with the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import ConfigError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class LlavaRecord:
+    """One record of a LLaVA / Prismatic JSON file."""
+
+    index: int  # position in the file, for messages
+    images: tuple[str, ...]  # image keys: none (text-only), one, or several (multi-image records)
+    caption: str | None  # the first `gpt` turn, stripped; None without one
+
+
+def read_llava_json(path: str | os.PathLike) -> list[LlavaRecord]:
+    """The records of a LLaVA-style JSON list (`{"image": ..., "conversations": [{"from", "value"}, ...]}`).
+
+    `image` may be a key, a list of keys, or absent (text-only). A file that is not such a list, or
+    a record that does not fit it, is refused with the record's index: nothing has run yet, so
+    fixing the file loses no work."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ConfigError(f"{path} nests its JSON too deeply to be a LLaVA data file") from None
+    if not isinstance(records, list):
+        raise ConfigError(f"{path}: expected a JSON list of LLaVA records, got a {type(records).__name__}")
+    return [_record(path, i, r) for i, r in enumerate(records)]
+
+
+def _record(path: Path, i: int, r: object) -> LlavaRecord:
+    if not isinstance(r, dict):
+        raise ConfigError(f"{path}: record {i} is a {type(r).__name__}, not an object with 'image' and 'conversations'")
+    image = r.get("image")
+    if image is None:
+        images: tuple[str, ...] = ()
+    elif isinstance(image, str):
+        images = (image,)
+    elif isinstance(image, list) and all(isinstance(k, str) for k in image):
+        images = tuple(image)
+    else:
+        raise ConfigError(f"{path}: record {i} has image {_short(image)}; expected a path relative to the image root "
+                          "or a list of them")
+    turns = r.get("conversations") or []
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise ConfigError(f"{path}: record {i} has conversations {_short(turns)}; expected a list of "
+                          '{"from": ..., "value": ...} turns')
+    caption = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
+    if caption is not None and not isinstance(caption, str):
+        raise ConfigError(f"{path}: record {i}'s gpt turn has value {_short(caption)}; expected text")
+    return LlavaRecord(i, images, caption.strip() if caption is not None else None)
+
+
+def _short(x: object, n: int = 60) -> str:
+    try:
+        text = repr(x)
+    except RecursionError:
+        return "a deeply nested value"
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def list_keys(images: str | os.PathLike, list_file: str | os.PathLike | None = None) -> list[str]:
+    """The image keys of a run, in a fixed order, each once.
+
+    From a LLaVA JSON (every record's images) or a text file (one key a line, `#` comments); without
+    a list, every image file under `images`, sorted."""
+    root = Path(images)
+    if list_file is None:
+        if not root.is_dir():
+            raise ConfigError(f"--images {root} is not a directory")
+        found = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(k for k in found if (root / k).is_file())
+    path = Path(list_file)
+    text = path.read_text()
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        keys = [k for r in read_llava_json(path) for k in r.images]
+    else:
+        keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return list(dict.fromkeys(keys))  # first occurrence wins: an image used by many records is extracted once
+
+
+def safe_path(root: Path, key: str) -> Path | None:
+    """root/key, or None when the key escapes the root (absolute, `..`, or a link out of it)."""
+    pure = PurePosixPath(key)
+    drive = len(key) >= 2 and key[1] == ":" and key[0].isalpha()  # C:/x.jpg, C:\x.jpg
+    if pure.is_absolute() or ".." in pure.parts or key.startswith("\\") or drive:
+        return None
+    path = root / pure
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+    return path

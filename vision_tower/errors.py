@@ -1,0 +1,31 @@
+"""The errors a user can act on. The command line prints these as one message (exit code 2);
+anything else is a bug and keeps its traceback.
+
+Each is also a `ValueError` (or `OSError`), so code written against the standard types keeps working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Marks an error caused by an input or setting, with a message that says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting, argument or config file that cannot be used as given."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint's contents do not fit the tower (keys, shapes, config)."""
+
+
+class WeightsUnavailableError(UserError, OSError):
+    """The weights could not be found locally or fetched; the message says how to proceed."""
+
+
+class CacheError(UserError, ValueError):
+    """A cache that cannot be used as asked: other settings, missing keys, a damaged shard."""
+
+
+class ImageLoadError(UserError, ValueError):
+    """An input could not be read as an image; the message names the input."""

@@ -1,0 +1,185 @@
+"""From a name, a directory or a weights file to what a tower is built from: architecture,
+preprocessing, family and converted weights, as plain data (`TowerWeights`, `FusedWeights`).
+
+The format is read from the checkpoint (its `config.json`'s `model_type`, else its key layout),
+never guessed from a name. `tower.py` builds the modules from what this returns.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from . import checkpoints as ck
+from . import formats as fm
+from .errors import CheckpointError, ConfigError
+from .preprocess import PreprocessConfig
+from .registry import (
+    REGISTRY, FusedSpec, TowerSpec, family_preprocess, get_spec, match_fused, match_spec, spec_for_hub_id, with_arch,
+)
+from .vit import ViTConfig
+
+
+@dataclass
+class TowerWeights:
+    """One ViT ready to build: its architecture, preprocessing and weights in `VisionTransformer` names."""
+
+    arch: ViTConfig
+    preprocess: PreprocessConfig
+    family: str
+    name: str
+    source: str | None
+    weights: dict[str, torch.Tensor]
+    defaults: dict[str, Any] = field(default_factory=dict)  # select_layer / select_feature the checkpoint states
+
+
+@dataclass
+class FusedWeights:
+    """Several ViTs on one image (OpenVLA's DINOv2 + SigLIP), keyed and ordered by part name."""
+
+    name: str
+    parts: dict[str, TowerWeights]
+
+
+def as_spec(tower: str | TowerSpec | FusedSpec | None) -> TowerSpec | FusedSpec | None:
+    return get_spec(tower) if isinstance(tower, str) else tower
+
+
+def describe(name_or_path: str | os.PathLike, revision: str | None = None) -> tuple[str, ViTConfig | None]:
+    """(family, architecture) of a registry name, local directory or Hub id, without its weights."""
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path in REGISTRY and not os.path.exists(name_or_path):
+        spec = REGISTRY[name_or_path]
+        return spec.family, spec.arch if isinstance(spec, TowerSpec) else None
+    config = ck.fetch_config(name_or_path, revision)
+    return fm.hf_family(config, name_or_path), fm.hf_arch(config)
+
+
+def load_weights(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype,
+    tower: str | TowerSpec | FusedSpec | None = None,
+    format: str | None = None,
+    quick_gelu: bool | None = None,
+    image_size: int | None = None,
+    revision: str | None = None,
+) -> TowerWeights | FusedWeights:
+    """Locate and read a checkpoint (see `VisionTower.from_pretrained` for what it accepts)."""
+    name_or_path = os.fspath(name_or_path)
+    if format is not None and format not in fm.FORMATS:
+        raise ConfigError(f"format {format!r} is not one of {fm.FORMATS}")
+    spec = as_spec(tower)
+    if isinstance(spec, FusedSpec) and name_or_path == spec.name and not os.path.exists(name_or_path):
+        return _fused_from_hub(spec, dtype, revision)
+    if spec is None and name_or_path in REGISTRY and not os.path.exists(name_or_path):
+        spec = REGISTRY[name_or_path]
+        if isinstance(spec, FusedSpec):
+            return _fused_from_hub(spec, dtype, revision)
+        name_or_path = spec.hub_id
+    ckpt = ck.locate(name_or_path, revision)
+    if format in (None, "hf") and ckpt.config.get("model_type") in fm.HF_MODEL_TYPES:
+        return _from_hf(ckpt, spec if isinstance(spec, TowerSpec) else None, image_size, dtype)
+    keys = ck.list_keys(ckpt.weight_files)
+    if format is None and ckpt.config.get("model_type") and not fm.looks_foreign(keys):
+        fm.hf_family(ckpt.config, name_or_path)  # an unsupported transformers model: say which types we take
+    fmt = format or fm.detect_format(keys)
+    if fmt == "hf":
+        raise CheckpointError(f"{name_or_path}: transformers weights need their config.json beside them")
+    parts = fm.split_parts(keys, fmt) if fmt in ("openvla", "prismatic") else {}
+    if len(parts) > 1:
+        return _fused_from_parts(ckpt, keys, parts, spec, image_size, dtype)
+    prefix = next(iter(parts.values()), "visual." if fmt in ("open_clip", "openai") else "")
+    return _from_foreign(ckpt, fmt, prefix, spec if isinstance(spec, TowerSpec) else None, quick_gelu, image_size,
+                         dtype)
+
+
+def _from_hf(ckpt: ck.Checkpoint, spec: TowerSpec | None, image_size: int | None, dtype: torch.dtype) -> TowerWeights:
+    family = fm.hf_family(ckpt.config, ckpt.source)
+    spec = spec or spec_for_hub_id(ckpt.source)
+    arch = fm.hf_arch(ckpt.config, image_size or (spec.image_size if spec else None))
+    fallback = spec.preprocess if spec and spec.image_size == arch.image_size else family_preprocess(family, arch.image_size)
+    pre = ck.preprocess_from_checkpoint(ckpt, arch, fallback)
+    raw = ck.read_tensors(ckpt.weight_files, fm.is_hf_vision_key, dtype=dtype)
+    return TowerWeights(arch, pre, family, spec.name if spec else ckpt.source, ckpt.source,
+                        fm.convert_hf(raw, arch, family))
+
+
+def _from_foreign(ckpt: ck.Checkpoint, fmt: str, prefix: str, spec: TowerSpec | None, quick_gelu: bool | None,
+                  image_size: int | None, dtype: torch.dtype) -> TowerWeights:
+    """timm / open_clip / OpenAI weights under `prefix`: their shape picks the registry tower that
+    supplies what such files do not record (heads, eps, activation)."""
+    raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(prefix), dtype=dtype)
+    raw = {k[len(prefix):]: v for k, v in raw.items()}
+    if not raw:
+        raise CheckpointError(f"{ckpt.source} holds no tensors under {prefix!r}")
+    clip_like = fmt in ("open_clip", "openai")
+    family = "clip" if clip_like else fm.timm_family(set(raw))
+    shape = fm.open_clip_shape(raw) if clip_like else fm.timm_shape(raw)
+    spec = spec or match_spec(family, shape["width"], shape["depth"], shape["patch_size"], shape["grid"])
+    if (spec.family, spec.width, spec.depth, spec.patch_size) != (family, shape["width"], shape["depth"],
+                                                                  shape["patch_size"]):
+        raise CheckpointError(
+            f"{ckpt.source} is a {family} tower (width {shape['width']}, depth {shape['depth']}, patch "
+            f"{shape['patch_size']}), which does not fit {spec.name!r}")
+    spec = with_arch(spec, act=foreign_act(family, fmt, quick_gelu), mlp_dim=shape["mlp_dim"],
+                     image_size=image_size or spec.image_size)
+    weights = fm.convert_open_clip(raw, spec.arch) if clip_like else fm.convert_timm(raw, spec.arch)
+    return TowerWeights(spec.arch, spec.preprocess, family, spec.name, ckpt.source, weights)
+
+
+def foreign_act(family: str, fmt: str, quick_gelu: bool | None) -> str:
+    """The activation of a timm / open_clip / OpenAI checkpoint, which its file does not record."""
+    if family != "clip":
+        if quick_gelu:
+            raise ConfigError(f"quick_gelu applies to CLIP weights; this checkpoint is {family}")
+        return "gelu"  # timm computes SigLIP and DINOv2 with exact GELU (OpenVLA ran it so)
+    if quick_gelu is None:
+        if fmt == "openai":
+            return "quick_gelu"
+        raise ConfigError(
+            f"a {fmt} CLIP checkpoint does not record its activation: pass quick_gelu=True for OpenAI-trained weights "
+            "(timm *_clip_quickgelu_*, open_clip '-quickgelu' / pretrained='openai') or quick_gelu=False "
+            "(LAION, DataComp, DFN, MetaCLIP weights); format='openai' implies True"
+        )
+    return "quick_gelu" if quick_gelu else "gelu"
+
+
+# ------------------------------------------------------------------------------------ fused towers
+def part_spec(spec: TowerSpec, fused: FusedSpec) -> TowerSpec:
+    """A part as the fused tower runs it: its weights' source preprocessing at crop_pct 1 (timm), the
+    fused tower's default mode (OpenVLA: resize-naive)."""
+    pre = replace(spec.preprocess, resize_size=None, default_mode=fused.default_mode)  # type: ignore[arg-type]
+    return replace(spec, preprocess=pre)
+
+
+def _fused_from_hub(spec: FusedSpec, dtype: torch.dtype, revision: str | None) -> FusedWeights:
+    """Each part from the weights it was trained from (for dinosiglip: timm's Hub repos, as Prismatic does)."""
+    parts = {}
+    for part in spec.parts:
+        loaded = load_weights(part.hub_id, tower=part_spec(part.spec, spec), format=part.format, dtype=dtype,
+                              revision=revision)
+        assert isinstance(loaded, TowerWeights)  # a part spec is a single tower
+        parts[part.name] = loaded
+    return FusedWeights(spec.name, parts)
+
+
+def _fused_from_parts(ckpt: ck.Checkpoint, keys: set[str], prefixes: dict[str, str], spec: TowerSpec | FusedSpec | None,
+                      image_size: int | None, dtype: torch.dtype) -> FusedWeights:
+    """An OpenVLA / Prismatic checkpoint holding several featurizers: each featurizer's family (read from
+    its keys) names the part of the fused spec it is; parts come out in the spec's order."""
+    families = {prefix: fm.timm_family({k[len(prefix):] for k in keys if k.startswith(prefix)})
+                for prefix in prefixes.values()}
+    fused = spec if isinstance(spec, FusedSpec) else match_fused(list(families.values()))
+    by_family = {p.spec.family: p for p in fused.parts}
+    if sorted(by_family) != sorted(families.values()):
+        raise CheckpointError(f"{ckpt.source} holds featurizers of families {sorted(families.values())}; "
+                              f"{fused.name!r} has parts {sorted(by_family)}")
+    loaded = {}
+    for prefix, family in families.items():
+        part = by_family[family]
+        loaded[part.name] = _from_foreign(ckpt, "timm", prefix, part_spec(part.spec, fused), None, image_size, dtype)
+    return FusedWeights(fused.name, {p.name: loaded[p.name] for p in fused.parts})

@@ -1,0 +1,542 @@
+"""Projector pre-alignment (LLaVA stage 1): the tower and the LLM stay frozen, the projector learns
+to turn image features into tokens the LLM can caption from.
+
+    accelerate launch -m vision_tower align --data blip_laion_cc_sbu_558k.json --cache CACHE \\
+        --llm lmsys/vicuna-7b-v1.5 --projector mlp2x_gelu --out runs/stage1 --bf16
+
+Sequence per sample (LLaVA's `plain` template): [BOS] + projected image tokens + caption + EOS, with
+labels -100 everywhere but the caption and EOS. Defaults are LLaVA-1.5's stage-1 recipe: lr 1e-3,
+global batch 256, 1 epoch, no weight decay, cosine schedule with 3% warmup, grad-norm clip 1.0.
+
+Data order is a pure function of (seed, epoch): each epoch's permutation is cut into global batches,
+each global batch into micro-batches, and rank r takes micro-batches m % world == r. A one-process
+run and an N-process run therefore see the same micro-batches, and DDP's gradient mean reproduces
+the one-process gradient; a resumed run replays the same order from its step.
+
+The launch decides the wrapping (DDP, FSDP, DeepSpeed ZeRO from `accelerate launch` or its config);
+`checkpoint.py` saves and restores the projector's state under each of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..cache import FeatureCache
+from ..data import read_llava_json, safe_path
+from ..distributed import dist_env
+from ..errors import CacheError, ConfigError, UserError, WeightsUnavailableError
+from ..faults import fault_point
+from ..projector import Projector, build_projector
+from ..tower import VisionTower, build_tower
+from .checkpoint import CheckpointMismatch, latest_checkpoint, load_checkpoint, projector_state, save_checkpoint
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class AlignConfig:
+    """One stage-1 run; `vision-tower align` parses its arguments into this."""
+
+    data: str  # LLaVA-Pretrain JSON (or Prismatic chat.json: the same records)
+    llm: str  # path or Hub id of a causal LM (AutoModelForCausalLM + AutoTokenizer)
+    out: str
+    cache: str | None = None  # features from `vision-tower extract`
+    images: str | None = None  # online: image root ...
+    model: str | None = None  # ... and tower (registry name, Hub id, directory, weights file)
+    random_init_tower: str | None = None  # online with a random-weight registry tower (dry runs)
+    projector: str = "mlp2x_gelu"  # a kind, or a directory written by Projector.save_pretrained to start from
+    layer: int | list[int] = -2
+    feature: str = "patch"
+    lr: float = 1e-3
+    batch_size: int = 256  # global: micro_batch_size x accumulation x processes
+    micro_batch_size: int = 32
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resume: bool = False
+    save_every: int = 500  # optimizer steps between checkpoints (0: only the final save)
+    keep_checkpoints: int = 2
+    pad_token: str | None = None  # set the tokenizer's pad token (e.g. "<unk>") when it has none
+    num_workers: int = 2
+    progress: bool = True
+
+
+@dataclass
+class AlignResult:
+    steps: int
+    final_loss: float
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    out: str = ""
+    samples: int = 0  # trained on in this run (a resumed run counts from where it started)
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{v} {k}" for k, v in self.skipped.items() if v) or "none"
+        return (f"trained {self.steps} steps in {self.seconds:.1f} s ({self.samples} samples, "
+                f"{self.samples / max(self.seconds, 1e-9):.1f} samples/s), final loss {self.final_loss:.4f}; "
+                f"skipped samples: {skipped}; outputs in {self.out}")
+
+
+class AlignError(ConfigError):
+    """A run that cannot start as configured; the message says why and what to change."""
+
+
+# ------------------------------------------------------------------------------------------- data
+def read_records(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(image key, caption) pairs from LLaVA-Pretrain / Prismatic JSON: records with one image and a
+    `gpt` turn (the caption); text-only and multi-image records are not stage-1 samples."""
+    try:
+        records = read_llava_json(path)
+    except OSError as e:
+        raise AlignError(f"--data {path}: {e}") from e
+    except UserError as e:
+        raise AlignError(f"--data {e}") from e
+    out = [(r.images[0], r.caption) for r in records if len(r.images) == 1 and r.caption is not None]
+    if not out:
+        raise AlignError(f"--data {path} has no records with an image and a gpt caption")
+    return out
+
+
+class AlignDataset(Dataset):
+    """Tokenized captions with their image features (from a cache) or pixels (online)."""
+
+    def __init__(self, samples: list[tuple[str, list[int]]], cache=None, images: Path | None = None, prep=None) -> None:
+        self.samples, self.cache, self.images, self.prep = samples, cache, images, prep
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        key, ids = self.samples[i]
+        if self.cache is not None:
+            vision = self.cache[key].clone()  # (T, C)
+        else:
+            vision = self.prep(safe_path(self.images, key))  # (3, S, S); keys were checked against the root
+        return {"key": key, "vision": vision, "ids": ids}
+
+
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    L = max(len(it["ids"]) for it in items)
+    ids = torch.full((len(items), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(items), L, dtype=torch.long)
+    for row, it in enumerate(items):
+        ids[row, : len(it["ids"])] = torch.tensor(it["ids"])
+        mask[row, : len(it["ids"])] = 1
+    return {"vision": torch.stack([it["vision"] for it in items]), "ids": ids, "mask": mask}
+
+
+def micro_batches(n: int, global_batch: int, micro: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches of one epoch (see the module docstring). Incomplete global batches are dropped."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    out = []
+    for start in range(0, n - global_batch + 1, global_batch):
+        batch = order[start : start + global_batch]
+        for m, lo in enumerate(range(0, global_batch, micro)):
+            if m % world == rank:
+                out.append(batch[lo : lo + micro])
+    return out
+
+
+def make_samples(records: list[tuple[str, str]], tokenizer, *, max_length: int, n_image: int,
+                 cache: FeatureCache | None, images: Path | None) -> tuple[list[tuple[str, list[int]]], dict[str, int]]:
+    """Tokenize every caption up front, so per-sample problems are counted before training starts:
+    (samples, skipped counts by reason)."""
+    skipped = {"missing from the cache": 0, "longer than --max-length": 0, "missing image file": 0,
+               "outside --images": 0}
+    ids = tokenizer([c for _, c in records], add_special_tokens=False)["input_ids"]
+    samples = []
+    budget = max_length - n_image - (tokenizer.bos_token_id is not None)
+    for (key, _), tok in zip(records, ids, strict=True):
+        tok = tok + [tokenizer.eos_token_id]
+        path = safe_path(images, key) if images is not None else None
+        if cache is not None and key not in cache:
+            skipped["missing from the cache"] += 1
+        elif cache is None and path is None:
+            skipped["outside --images"] += 1
+        elif cache is None and not path.is_file():
+            skipped["missing image file"] += 1
+        elif len(tok) > budget:
+            skipped["longer than --max-length"] += 1
+        else:
+            samples.append((key, tok))
+    return samples, skipped
+
+
+# ------------------------------------------------------------------------------------------- model
+class AlignModel(nn.Module):
+    """Frozen LLM + trainable projector; returns the caption loss. One module, so DDP / FSDP / ZeRO
+    wrap it as usual (only the projector's parameters get gradients)."""
+
+    def __init__(self, llm: nn.Module, projector: Projector, bos_id: int | None) -> None:
+        super().__init__()
+        self.llm, self.projector, self.bos_id = llm, projector, bos_id
+
+    def forward(self, vision: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        embed = self.llm.get_input_embeddings()
+        image = self.projector(vision)  # (B, N, H)
+        text = embed(ids)  # (B, L, H)
+        B, N = image.shape[:2]
+        parts, masks, labels = [image], [torch.ones(B, N, dtype=mask.dtype, device=mask.device)], [
+            torch.full((B, N), IGNORE_INDEX, device=ids.device)]
+        if self.bos_id is not None:
+            bos = torch.full((B, 1), self.bos_id, device=ids.device)
+            parts.insert(0, embed(bos))
+            masks.insert(0, torch.ones(B, 1, dtype=mask.dtype, device=mask.device))
+            labels.insert(0, torch.full((B, 1), IGNORE_INDEX, device=ids.device))
+        inputs = torch.cat([*parts, text.to(image.dtype)], dim=1)  # (B, 1 + N + L, H)
+        attention = torch.cat([*masks, mask], dim=1)
+        target = torch.cat([*labels, ids.masked_fill(mask == 0, IGNORE_INDEX)], dim=1)
+        return self.llm(inputs_embeds=inputs, attention_mask=attention, labels=target).loss
+
+
+def load_llm(cfg: AlignConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..checkpoints import offline_help
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+        llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    except OSError as e:
+        if Path(cfg.llm).exists():
+            raise AlignError(f"--llm {cfg.llm}: {e}") from e
+        raise WeightsUnavailableError(offline_help(cfg.llm, str(e).splitlines()[0])) from e
+    if cfg.pad_token is not None:
+        tokenizer.pad_token = cfg.pad_token
+    if tokenizer.pad_token_id is None:
+        raise AlignError(f"the tokenizer of {cfg.llm} has no pad token; pass --pad-token (LLaVA uses the unk token, "
+                         f"{tokenizer.unk_token!r}; the eos token {tokenizer.eos_token!r} also works: pads are masked)")
+    if tokenizer.eos_token_id is None:
+        raise AlignError(f"the tokenizer of {cfg.llm} has no eos token; the plain template ends each caption with it")
+    llm.requires_grad_(False)
+    if cfg.gradient_checkpointing:  # transformers >= 5 renamed it; older releases only have the first name
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return llm, tokenizer
+
+
+def vision_source(cfg: AlignConfig) -> tuple[FeatureCache | None, VisionTower | None]:
+    """The cache (checked against the run's layer) or, online, the tower the run names."""
+    if (cfg.cache is None) == (cfg.images is None):
+        raise AlignError("give either --cache (features from `vision-tower extract`) or --images with --model")
+    if cfg.cache is not None:
+        try:
+            cache = FeatureCache(cfg.cache, feature=cfg.feature)
+        except CacheError as e:
+            raise AlignError(f"--cache {cfg.cache}: {e}") from e
+        if cache.metadata["layer"] != cfg.layer:
+            raise AlignError(f"--cache {cfg.cache} holds layer {cache.metadata['layer']}, not --layer {cfg.layer}; "
+                             "extract that layer or pass the cache's")
+        return cache, None
+    if not (cfg.model or cfg.random_init_tower):
+        raise AlignError("online training needs --model (or --random-init-tower for a dry run)")
+    tower = build_tower(model=cfg.model, random_init=cfg.random_init_tower, seed=cfg.seed, select_layer=cfg.layer,
+                        select_feature=cfg.feature, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    return None, tower
+
+
+def make_projector(cfg: AlignConfig, in_features: int, out_features: int, tower_name: str | None) -> Projector:
+    """A new projector of `cfg.projector`'s kind, or the saved one it names, checked against the features."""
+    if not Path(cfg.projector).is_dir():
+        return build_projector(cfg.projector, in_features, out_features, tower=tower_name, select_layer=cfg.layer,
+                               select_feature=cfg.feature)
+    proj = Projector.from_pretrained(cfg.projector)
+    if (proj.in_features, proj.out_features) != (in_features, out_features):
+        raise AlignError(f"--projector {cfg.projector} maps {proj.in_features} -> {proj.out_features}, but the "
+                         f"features are {in_features} wide and the LLM's hidden size is {out_features}")
+    try:
+        proj.check_features(in_features, tower=tower_name, select_layer=cfg.layer, select_feature=cfg.feature)
+    except ConfigError as e:
+        raise AlignError(f"--projector {cfg.projector}: {e}") from e
+    return proj
+
+
+# ------------------------------------------------------------------------------------------- accelerate
+def make_accelerator(cfg: AlignConfig, accum: int, world: int):
+    """An Accelerator for this run, checked against it: the launch (DDP / FSDP / DeepSpeed, from
+    `accelerate launch` or its config) is the user's; micro batch, accumulation and clipping are the run's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # accelerate keeps one per-process state and refuses a second Accelerator with other settings; each
+    # train() call is a run of its own (a notebook, the tests), so the state is reset, keeping the process
+    # group. accelerate offers no public way to do this.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    kwargs: dict[str, Any] = {}
+    if not torch.cuda.is_available():
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # DeepSpeed on CPUs (the tests): accelerate only counts the processes when the backend is named
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:  # on CPUs accelerate only runs multi-process when told to; otherwise every rank would train alone
+            kwargs["cpu"] = True
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision="bf16" if cfg.bf16 else "no", **kwargs)
+    if accelerator.num_processes != world:
+        raise AlignError(f"launched as {world} processes but accelerate sees {accelerator.num_processes}; "
+                         "refusing to train unsynchronised copies")
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        check_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, accum)
+    if accelerator.distributed_type.name == "FSDP":
+        check_fsdp_plugin(accelerator.state.fsdp_plugin)
+    if accelerator.gradient_accumulation_steps != accum:
+        raise AlignError(f"accelerate was launched with gradient accumulation {accelerator.gradient_accumulation_steps}"
+                         f", but --batch-size {cfg.batch_size} / (--micro-batch-size {cfg.micro_batch_size} x {world} "
+                         f"processes) needs {accum}; drop --gradient_accumulation_steps from the launch")
+    return accelerator
+
+
+def check_deepspeed_config(ds: dict[str, Any], cfg: AlignConfig, accum: int) -> None:
+    """Fill the DeepSpeed config's "auto" batch, accumulation and clipping from the run; refuse contradictions."""
+    ours = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": accum,
+            "train_batch_size": cfg.batch_size, "gradient_clipping": cfg.max_grad_norm}
+    for key, value in ours.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+        elif ds[key] != value:
+            raise AlignError(f"the DeepSpeed config sets {key}={ds[key]!r} but this run needs {value!r} (from "
+                             f"--batch-size / --micro-batch-size / processes); set it to \"auto\" or remove it")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise AlignError("the DeepSpeed config defines an optimizer or scheduler; remove them: the run uses "
+                         "AdamW with a cosine schedule from its own options (--lr, --warmup-ratio)")
+
+
+def check_fsdp_plugin(plugin) -> None:
+    """FSDP1 flattens each wrapped unit into one tensor with one requires_grad, and the root unit holds both
+    frozen LLM parameters (embeddings, final norm) and the trainable projector: it needs use_orig_params."""
+    if plugin.fsdp_version == 1 and not plugin.use_orig_params:
+        raise AlignError("FSDP1 needs use_orig_params, as the frozen LLM and the trainable projector share its root "
+                         "unit: set fsdp_use_orig_params: true in the accelerate config, or use fsdp_version: 2")
+
+
+# ------------------------------------------------------------------------------------------- the run
+@dataclass
+class _Run:
+    """What one training run holds between its phases."""
+
+    cfg: AlignConfig
+    accelerator: Any
+    deepspeed: bool
+    rank: int
+    world: int
+    accum: int
+    out: Path
+    tokenizer: Any
+    tower: VisionTower | None
+    dataset: AlignDataset
+    skipped: dict[str, int]
+    total_steps: int
+    steps_per_epoch: int
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    unwrapped: AlignModel
+    final_projector: Projector  # whole fp32 tensors for the final save (ZeRO-3 partitions the live one)
+
+
+def train(cfg: AlignConfig) -> AlignResult:
+    """Run (or resume) stage-1 training; writes the outputs described in the README into `cfg.out`."""
+    start = time.perf_counter()
+    run = _prepare(cfg)
+    step = _resume(run)
+    first_step = step
+    if run.accelerator.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "run_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        if any(run.skipped.values()):
+            print(f"skipping {sum(run.skipped.values())} samples before training: {run.skipped}")
+        if step == 0:
+            (run.out / "log.jsonl").unlink(missing_ok=True)
+    step, loss = _loop(run, step)
+    result = AlignResult(steps=step, final_loss=loss, skipped=run.skipped, out=str(run.out),
+                         samples=(step - first_step) * cfg.batch_size)
+    _save_outputs(run)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _prepare(cfg: AlignConfig) -> _Run:
+    """Check the options, build the accelerator, data, LLM and projector, and let accelerate wrap them."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    rank, world, _ = dist_env()
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise AlignError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}"
+                         f" x {world} processes")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    if cfg.save_every < 0 or cfg.keep_checkpoints < 1:
+        raise AlignError(f"--save-every must be >= 0 (got {cfg.save_every}) and --keep-checkpoints >= 1 "
+                         f"(got {cfg.keep_checkpoints})")
+    accelerator = make_accelerator(cfg, accum, world)
+    deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    records = read_records(cfg.data)
+    cache, tower = vision_source(cfg)
+    llm, tokenizer = load_llm(cfg)
+    hidden = llm.get_input_embeddings().embedding_dim  # not weight.shape: ZeRO-3 loads partitioned (empty) weights
+    width = cache.metadata["channels"] if cache is not None else tower.hidden_size
+    projector = make_projector(cfg, width, hidden, cache.metadata["tower"] if cache is not None else tower.name)
+    n_image = cache.tokens if cache is not None else tower.num_tokens
+    images = Path(cfg.images) if cfg.images else None
+    samples, skipped = make_samples(records, tokenizer, max_length=cfg.max_length, n_image=n_image, cache=cache,
+                                    images=images)
+    if len(samples) < cfg.batch_size:
+        raise AlignError(f"{len(samples)} usable samples (skipped: {skipped}) are fewer than one global batch of "
+                         f"{cfg.batch_size}")
+    prep = None
+    if tower is not None:
+        prep = tower.transform()  # the checkpoint's own preprocessing, one image per DataLoader item
+        tower.to(accelerator.device)
+    dataset = AlignDataset(samples, cache=cache, images=images, prep=prep)
+    steps_per_epoch = len(samples) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+
+    final_projector = copy.deepcopy(projector)
+    if deepspeed and cfg.bf16:
+        # DeepSpeed keeps the fp32 master weights in its optimizer and computes with bf16 parameters; ZeRO-3 leaves
+        # modules it finds partitioned already (the LLM, loaded under zero.Init) uncast, so cast the projector here
+        projector.to(torch.bfloat16)
+    model = AlignModel(llm, projector, tokenizer.bos_token_id)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return _Run(cfg, accelerator, deepspeed, rank, world, accum, Path(cfg.out), tokenizer, tower, dataset, skipped,
+                total_steps, steps_per_epoch, model, optimizer, scheduler, accelerator.unwrap_model(model),
+                final_projector)
+
+
+def _resume(run: _Run) -> int:
+    """The step to start from: the latest checkpoint's with --resume, else 0."""
+    if not run.cfg.resume or (ckpt := latest_checkpoint(run.out)) is None:
+        return 0
+    try:
+        return load_checkpoint(ckpt, run.model, run.unwrapped.projector, run.optimizer, run.scheduler, run.deepspeed)
+    except CheckpointMismatch as e:
+        raise AlignError(f"--resume: {e}") from e
+
+
+def _loop(run: _Run, step: int) -> tuple[int, float]:
+    """Optimizer steps from `step` to the end, logging each and checkpointing every --save-every."""
+    from tqdm import tqdm
+
+    cfg, accelerator, model, tower = run.cfg, run.accelerator, run.model, run.tower
+    log_path = run.out / "log.jsonl"
+    bar = tqdm(total=run.total_steps, initial=step, unit="step", desc="align",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    loss_value = float("nan")
+    model.train()
+    run.unwrapped.llm.eval()  # frozen: no dropout, whatever the config says
+    while step < run.total_steps:
+        epoch, in_epoch = divmod(step, run.steps_per_epoch)
+        batches = micro_batches(len(run.dataset), cfg.batch_size, cfg.micro_batch_size, epoch, cfg.seed, run.rank,
+                                run.world)
+        batches = batches[in_epoch * run.accum:]  # resume: the same order, from this step's first micro-batch
+        loader = DataLoader(run.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                            collate_fn=lambda items: collate(items, run.tokenizer.pad_token_id))
+        t0, seen, losses = time.perf_counter(), 0, []
+        for micro in loader:
+            vision = micro["vision"].to(accelerator.device)
+            if tower is not None:
+                with torch.no_grad():
+                    vision = tower(vision)  # (B, T, C), frozen tower online
+            # the run's precision, set here once and on purpose: a bf16 cache feeds an fp32 run as fp32, and
+            # DeepSpeed's bf16 engine (bf16 parameters, no autocast) gets bf16 features
+            vision = vision.to(torch.bfloat16 if cfg.bf16 else torch.float32)
+            with accelerator.accumulate(model):
+                loss = model(vision, micro["ids"].to(accelerator.device), micro["mask"].to(accelerator.device))
+                accelerator.backward(loss)
+                # DeepSpeed clips inside its step (config `gradient_clipping`) and reports the norm here
+                grad_norm = accelerator.clip_grad_norm_(run.unwrapped.projector.parameters(), cfg.max_grad_norm) \
+                    if accelerator.sync_gradients else None
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            seen += vision.shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            run.scheduler.step()
+            step += 1
+            loss_value = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            if accelerator.is_main_process:
+                entry = {"step": step, "epoch": epoch, "loss": loss_value, "lr": run.scheduler.get_last_lr()[0],
+                         "grad_norm": None if grad_norm is None else float(grad_norm),
+                         "samples_per_s": seen * run.world / max(time.perf_counter() - t0, 1e-9)}
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:  # collective
+                save_checkpoint(run.out, step, model, run.unwrapped.projector, run.optimizer, run.scheduler,
+                                run.deepspeed, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+            fault_point("train_step", step)
+            t0, seen, losses = time.perf_counter(), 0, []
+    bar.close()
+    return step, loss_value
+
+
+def _save_outputs(run: _Run) -> None:
+    """The trained projector in our format and LLaVA's, and the loss curve (rank 0 writes)."""
+    cfg, out = run.cfg, run.out
+    state = projector_state(run.model, run.unwrapped.projector, run.deepspeed)  # collective: whole fp32 on rank 0
+    if run.accelerator.is_main_process:
+        final = run.final_projector
+        final.load_state_dict(state)
+        final.save_pretrained(out / "projector")
+        if isinstance(cfg.layer, int) and final.kind not in ("fused_gelu_mlp", "identity"):
+            final.export_llava(out, select_layer=cfg.layer, select_feature=cfg.feature)
+        else:
+            print(f"no mm_projector.bin: LLaVA takes one vision layer and linear / mlpNx_gelu projectors "
+                  f"(this run: layer {cfg.layer}, {final.kind}); the projector is in {out / 'projector'}")
+        plot_loss(out / "log.jsonl", out / "loss.png")
+    run.accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------- loss curve
+def plot_loss(log_path: Path, png: Path, size: tuple[int, int] = (640, 360)) -> None:
+    """A plain loss-vs-step line chart, drawn with PIL (already a dependency) rather than matplotlib."""
+    from PIL import Image, ImageDraw
+
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    W, H = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, W - 20, 20, H - 40
+    d.rectangle([left, top, right, bottom], outline="black")
+    if entries:
+        xs = [e["step"] for e in entries]
+        ys = [e["loss"] for e in entries]
+        lo, hi = min(ys), max(ys)
+        hi = hi if hi > lo else lo + 1
+        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        pts = [(left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
+               for x, y in zip(xs, ys, strict=True)]
+        d.line(pts, fill=(31, 119, 180), width=2) if len(pts) > 1 else d.point(pts, fill=(31, 119, 180))
+        d.text((5, top), f"{hi:.3f}", fill="black")
+        d.text((5, bottom - 10), f"{lo:.3f}", fill="black")
+        d.text((left, bottom + 8), f"step {x0}", fill="black")
+        d.text((right - 70, bottom + 8), f"step {x1}", fill="black")
+    d.text((W // 2 - 30, H - 18), "training loss", fill="black")
+    img.save(png)

@@ -1,0 +1,131 @@
+"""Step checkpoints for `vision_tower.training.align`, whatever wraps the model: nothing, DDP, FSDP (1 or 2) or
+DeepSpeed ZeRO-1/2/3. Only the projector's state is saved; the frozen LLM and tower are never copied.
+
+    checkpoints/step-0000500/
+        projector.safetensors   the whole fp32 projector (keys as in `Projector.state_dict()`)
+        optimizer.pt            the whole optimizer state, keyed by parameter name (no DeepSpeed)
+        state.pt                step, scheduler and RNG state
+        deepspeed/              DeepSpeed only: the engine's own checkpoint, frozen parameters excluded
+
+Without DeepSpeed, weights and optimizer state are gathered into whole tensors named by parameter
+(`torch.distributed.checkpoint.state_dict`), so a checkpoint does not depend on the wrapper or the
+number of processes: a DDP run can resume under FSDP on another process count. DeepSpeed partitions
+its fp32 master weights and optimizer state per rank; those are restored by the engine (same
+process count), as HF Trainer does. The `.pt` files are `torch.save`d and read with `weights_only=True`.
+
+Every function here is collective: all ranks call it, rank 0 writes. Tested on CPUs (gloo) with no
+wrapper, DDP, FSDP2 and DeepSpeed ZeRO-2/3; FSDP1 refuses CPUs, so its path (the same torch API) is not.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..distributed import barrier, process_group_rank
+
+PREFIX = "projector."  # the projector's place inside AlignModel
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
+
+
+def projector_state(model: nn.Module, projector: nn.Module, deepspeed: bool) -> dict[str, torch.Tensor]:
+    """The whole fp32 projector on rank 0 (other ranks get {}). `model` is the prepared (wrapped) model,
+    `projector` the module inside it. Under DeepSpeed these are the optimizer's fp32 master weights,
+    not the engine's bf16 copies, and ZeRO-3 partitions are gathered (no empty tensors)."""
+    if deepspeed:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = {k: safe_get_full_fp32_param(p) for k, p in projector.named_parameters()}  # all ranks gather
+        return {k: v.detach().cpu().clone() for k, v in full.items()} if process_group_rank() == 0 else {}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_options(cpu_offload=True))
+    return {k.removeprefix(PREFIX): v for k, v in state.items() if k.startswith(PREFIX)}
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, projector: nn.Module, optimizer, scheduler,
+                    deepspeed: bool, keep: int) -> Path:
+    """Write checkpoints/step-NNNNNNN under `out` atomically (complete or absent); keep the newest `keep`."""
+    final = out / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if process_group_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    optim_state = None
+    if deepspeed:  # each rank writes its own partition of the optimizer state
+        model.save_checkpoint(str(tmp), tag="deepspeed", exclude_frozen_parameters=True)
+    else:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optim_state = get_optimizer_state_dict(model, _inner(optimizer), options=_options(cpu_offload=True))
+    weights = projector_state(model, projector, deepspeed)
+    if process_group_rank() == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "projector.safetensors"))
+        if optim_state is not None:
+            torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "python_rng": random.getstate(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        os.replace(tmp, final)
+        for old in sorted((out / "checkpoints").glob("step-???????"))[:-keep]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted((out / "checkpoints").glob("step-???????"))
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, projector: nn.Module, optimizer, scheduler, deepspeed: bool) -> int:
+    """Restore a checkpoint into the prepared model, optimizer and scheduler; returns its step."""
+    ds_dir = ckpt / "deepspeed"
+    if deepspeed != ds_dir.is_dir():
+        made, now = ("DeepSpeed", "without DeepSpeed") if ds_dir.is_dir() else ("without DeepSpeed", "under DeepSpeed")
+        raise CheckpointMismatch(f"{ckpt} was written {made} and this run is {now}; resume it the way it was "
+                                 f"launched, or start a new run from its projector.safetensors")
+    if deepspeed:
+        path, _ = model.load_checkpoint(str(ckpt), tag="deepspeed", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointMismatch(f"DeepSpeed could not load {ds_dir} (written by another number of processes?)")
+    else:
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        weights = load_file(str(ckpt / "projector.safetensors"))
+        expected = {k for k, _ in projector.named_parameters()}
+        if set(weights) != expected:
+            raise CheckpointMismatch(f"{ckpt} holds projector tensors {sorted(weights)}, this run's projector has "
+                                     f"{sorted(expected)}")
+        optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        # strict=False: the frozen LLM's weights are (by design) not in the checkpoint
+        set_state_dict(model, _inner(optimizer), model_state_dict={PREFIX + k: v for k, v in weights.items()},
+                       optim_state_dict=optim_state, options=_options(strict=False))
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit this run."""
+
+
+def _inner(optimizer):
+    """The torch optimizer behind accelerate's wrapper (the state-dict API wants the real one)."""
+    return getattr(optimizer, "optimizer", optimizer)
