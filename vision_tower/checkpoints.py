@@ -180,14 +180,27 @@ def _safe_open(f: Path):
 
 
 def _torch_load(f: Path) -> dict[str, Any]:
-    """A pickled state dict, never running pickled code (weights_only=True), memory-mapped when possible."""
+    """A pickled state dict, never running pickled code (weights_only=True), memory-mapped when possible.
+
+    Whatever torch.load raises on a file a user handed over (text, a truncated zip, pickled objects
+    other than tensors) means the same thing, "this is not a weights file": a `CheckpointError` naming it."""
     try:
-        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "TorchScript" in str(e) or "constants.pkl" in str(e):
-            raise CheckpointError(f"{f} is a TorchScript archive (e.g. OpenAI's CLIP model.pt); load its state dict "
-                                  "once with torch.jit.load(...).state_dict() and save that with safetensors") from e
-        sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be memory-mapped
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "TorchScript" in str(e) or "constants.pkl" in str(e):
+                raise CheckpointError(f"{f} is a TorchScript archive (e.g. OpenAI's CLIP model.pt); load its state "
+                                      "dict once with torch.jit.load(...).state_dict() and save that with safetensors")
+            sd = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be memory-mapped
+    except CheckpointError:
+        raise
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's unpickler puts its reason after a long preamble ("Unsupported global: GLOBAL posix.system")
+        detail = next((ln for ln in lines if ln.startswith(("Unsupported", "Unexpected", "Trying"))),
+                      lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{f} is not a readable PyTorch weights file ({detail[:200]}); only state dicts of "
+                              "tensors load, and pickled objects of any other kind are never run") from None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{f} holds a {type(sd).__name__}, not a state dict")
     return sd
@@ -214,7 +227,10 @@ def _read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: tor
             with _safe_open(f) as sf:
                 for k in sf.keys():
                     if keep(k):
-                        out[k] = _cast(sf.get_tensor(k), dtype)
+                        try:
+                            out[k] = _cast(sf.get_tensor(k), dtype)
+                        except Exception as e:  # safetensors' own error type: a truncated or corrupt file
+                            raise CheckpointError(f"{f}: tensor {k!r} cannot be read ({e}); the file is damaged") from None
         else:
             sd = _torch_load(f)
             for k, v in _flatten(sd):

@@ -14,6 +14,7 @@ checkpoint expects. Four modes:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ _RESAMPLE = {
 
 # Larger images are refused before decoding (PIL's own decompression-bomb threshold).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# The same bound holds for every image made on the way (a padded canvas, a resize before the crop), and no
+# tower's preprocessing can use a sliver: a 20000x1 PNG of 138 bytes would otherwise be resized to 6.7M x 336.
+MAX_ASPECT = 100
+MAX_SIDE = 8192  # largest image_size / resize_size a preprocessing config may ask for
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,16 @@ class PreprocessConfig:
             raise ConfigError(f"interpolation {self.interpolation!r} is not one of {sorted(_RESAMPLE)}")
         if self.default_mode not in MODES:
             raise ConfigError(f"default_mode {self.default_mode!r} is not one of {MODES}")
+        for name in ("image_size", "resize_size"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and 1 <= v <= MAX_SIDE):
+                raise ConfigError(f"preprocessing {name} {v!r} is not a size from 1 to {MAX_SIDE} px")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if len(v) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+                raise ConfigError(f"preprocessing {name} {v!r} is not three finite numbers")
+        if min(self.std) <= 0:
+            raise ConfigError(f"preprocessing std {self.std!r} must be positive (0 would turn every pixel into inf/NaN)")
 
     @property
     def shortest_edge(self) -> int:
@@ -176,9 +191,31 @@ def letterbox(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return out
 
 
+def check_work(width: int, height: int, cfg: PreprocessConfig, mode: Mode) -> None:
+    """Refuse, before any pixel is made, an image whose preprocessing would make an image over the
+    decompression-bomb bound (`MAX_PIXELS`) or that is more than `MAX_ASPECT` times longer than wide:
+    the work per image stays bounded whatever its size on disk."""
+    short, long = sorted((width, height))
+    if short < 1 or long > MAX_ASPECT * short:
+        raise ImageLoadError(f"image is {width}x{height}: an aspect ratio beyond {MAX_ASPECT}:1, which no tower's "
+                             "preprocessing can use")
+    if mode in ("pad", "letterbox"):  # a square canvas of the long side, then the crop's resize of that square
+        made = max(long * long, cfg.shortest_edge ** 2)
+    elif mode == "crop":
+        made = cfg.shortest_edge * int(cfg.shortest_edge * long / short)
+    else:
+        made = cfg.image_size ** 2
+    if made > MAX_PIXELS:
+        raise ImageLoadError(f"image is {width}x{height}: its {mode} preprocessing would make a {made / 1e6:.0f} MP "
+                             f"image, over the {MAX_PIXELS / 1e6:.0f} MP bound")
+
+
 def transform(img: Image.Image, cfg: PreprocessConfig, mode: Mode | None = None) -> torch.Tensor:
     """An RGB PIL image -> normalized float32 tensor (3, S, S)."""
     mode = mode or cfg.default_mode
+    if mode not in MODES:
+        raise ConfigError(f"preprocess mode {mode!r} is not one of {MODES}")
+    check_work(*img.size, cfg, mode)
     resample = _RESAMPLE[cfg.interpolation]
     S = cfg.image_size
     if mode == "pad":
@@ -221,7 +258,18 @@ def preprocess(images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig,
         images = [images]
     if len(images) == 0:
         raise ConfigError("preprocess got an empty list of images")
-    return torch.stack([transform(load_image(im), cfg, mode) for im in images])
+    return torch.stack([pixels_of(im, [cfg], mode) for im in images])
+
+
+def pixels_of(image: ImageInput, configs: Sequence[PreprocessConfig], mode: Mode | None = None) -> torch.Tensor:
+    """One image, decoded once, through each config: (3 * len(configs), S, S). Errors name the input."""
+    img = load_image(image)
+    try:
+        return torch.cat([transform(img, c, mode) for c in configs], dim=0)
+    except ImageLoadError as e:
+        if isinstance(image, (str, os.PathLike)):
+            raise ImageLoadError(f"image {os.fspath(image)!r}: {e}") from e
+        raise
 
 
 class ImageTransform:
@@ -235,8 +283,7 @@ class ImageTransform:
         self.configs, self.mode = list(configs), mode
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
-        img = load_image(image)
-        return torch.cat([transform(img, c, self.mode) for c in self.configs], dim=0)  # (3 * parts, S, S)
+        return pixels_of(image, self.configs, self.mode)  # (3 * parts, S, S)
 
 
 class ImageProcessor:

@@ -32,6 +32,8 @@ from .errors import ConfigError
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
 AttnImpl = Literal["sdpa", "eager", "native"]
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "native")
+# Bounds far beyond any released tower (ViT-22B: width 6144, depth 48), checked before anything is allocated.
+MAX_IMAGE_SIZE, MAX_WIDTH, MAX_DEPTH = 4096, 16384, 256
 
 
 def check_attn_implementation(name: str) -> AttnImpl:
@@ -61,6 +63,13 @@ class ViTConfig:
     in_channels: int = 3
 
     def __post_init__(self) -> None:
+        bounds = {"image_size": MAX_IMAGE_SIZE, "patch_size": MAX_IMAGE_SIZE, "width": MAX_WIDTH, "depth": MAX_DEPTH,
+                  "heads": MAX_WIDTH, "mlp_dim": 8 * MAX_WIDTH, "in_channels": 16, "num_registers": 64}
+        for name, most in bounds.items():
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and (1 if name != "num_registers" else 0) <= v <= most):
+                raise ConfigError(f"ViT {name} {v!r} is not a whole number up to {most}: the config is corrupt or not a "
+                                  "vision tower's")
         if self.image_size < self.patch_size:
             raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
         if self.width % self.heads:
