@@ -30,15 +30,17 @@ def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int 
     keys = [f"{i // 1000:05d}/{i:09d}.jpg" for i in range(n)]
     writer = CacheWriter(root / "shards", tokens, channels, torch.bfloat16)
     for s in range(0, n, shard_size):
+        writer.start(s // shard_size, keys[s : s + shard_size])
         for lo in range(s, min(s + shard_size, n), 64):
             hi = min(lo + 64, s + shard_size, n)
             writer.rows(s // shard_size, torch.arange(lo, hi, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, tokens, channels),
-                        None)
-        writer.finish(s // shard_size, keys[s : s + shard_size], {})
+                        keys[lo:hi])
+        writer.finish(s // shard_size, {})
     writer.close()
     write_json_atomic(root / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
                                                "tokens": tokens, "channels": channels, "dtype": "bfloat16",
-                                               "tower": "synthetic", "layer": -2})
+                                               "tower": "synthetic", "layer": -2, "num_keys": n,
+                                               "shard_size": shard_size})
     assert not FeatureCache(root).verify()
     return keys
 

@@ -75,9 +75,13 @@ def writer_rate(out: Path, rows: int, batch: int = 64, shard_size: int = 256) ->
     t = time.perf_counter()
     for i in range(rows // batch):
         shard = i * batch // shard_size
-        writer.rows(shard, feats[i % len(feats)], None)
+        keys = [f"{shard}/{j}" for j in range(shard_size)]
+        if i * batch % shard_size == 0:
+            writer.start(shard, keys)
+        lo = i * batch % shard_size
+        writer.rows(shard, feats[i % len(feats)], keys[lo:lo + batch])
         if (i + 1) * batch % shard_size == 0:
-            writer.finish(shard, [f"{shard}/{j}" for j in range(shard_size)], {})
+            writer.finish(shard, {})
     writer.close()
     return rows // batch * batch / (time.perf_counter() - t)
 

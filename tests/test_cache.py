@@ -174,7 +174,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_cache(tiny_model_dir, corpus
     assert crashed.returncode == -9
     partial = FeatureCache(out)
     assert len(partial.manifests) < 5  # it really stopped part-way
-    assert not partial.verify()  # what the reader sees is complete
+    problems = partial.verify()  # what the reader sees is intact; verify reports the shards not written yet
+    assert len(problems) == 5 - len(partial.manifests)
+    assert all(p.startswith("missing: not extracted") for p in problems.values())
     resumed = run(tiny_model_dir, corpus, out)
     assert f"{len(partial.manifests)} shards already done" in resumed.stdout
     assert_same_cache(out, reference_cache)
@@ -272,11 +274,13 @@ def test_a_failing_shard_writer_stops_the_run_and_leaves_no_partial_file(tmp_pat
     from vision_tower.cache import CacheWriter
 
     writer = CacheWriter(tmp_path, 5, 32, torch.float32, max_bytes=1)  # one batch queued at a time
-    writer.rows(0, torch.zeros(2, 5, 32), None)
-    writer.finish(0, ["a", "b"], {})
-    writer.rows(1, torch.zeros(2, 5, 31), None)  # the wrong width: shard 1's thread fails
+    writer.start(0, ["a", "b"])
+    writer.rows(0, torch.zeros(2, 5, 32), ["a", "b"])
+    writer.finish(0, {})
+    writer.start(1, ["c", "d", "e", "f"])
+    writer.rows(1, torch.zeros(2, 5, 31), ["c", "d"])  # the wrong width: shard 1's thread fails
     with pytest.raises(RuntimeError, match=r"shard writer failed: batch \(2, 5, 31\).*does not fit"):
-        writer.rows(1, torch.zeros(2, 5, 32), None)  # waits for the failed batch's budget, then raises
+        writer.rows(1, torch.zeros(2, 5, 32), ["e", "f"])  # waits for the failed batch's budget, then raises
     with pytest.raises(RuntimeError, match="shard writer failed"):
         writer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.json", "shard-000000.safetensors"]
@@ -293,11 +297,13 @@ def test_get_many_into_a_buffer_with_threads_equals_row_by_row(tmp_path):
     writer = CacheWriter(tmp_path / "shards", 5, 32, torch.bfloat16)
     for s in range(0, 100, 40):  # shards of 40, 40, 20
         rows = torch.randn(len(keys[s:s + 40]), 5, 32, generator=torch.Generator().manual_seed(s)).bfloat16()
-        writer.rows(s // 40, rows, None)
-        writer.finish(s // 40, keys[s:s + 40], {})
+        writer.start(s // 40, keys[s:s + 40])
+        writer.rows(s // 40, rows, keys[s:s + 40])
+        writer.finish(s // 40, {})
     writer.close()
     write_json_atomic(tmp_path / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
-                                                   "tokens": 5, "channels": 32, "dtype": "bfloat16"})
+                                                   "tokens": 5, "channels": 32, "dtype": "bfloat16",
+                                                   "num_keys": 100, "shard_size": 40})
     cache = FeatureCache(tmp_path)
     assert not cache.verify()
     batch = [keys[i] for i in torch.randperm(100, generator=torch.Generator().manual_seed(0))[:67].tolist()]

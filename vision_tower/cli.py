@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ImageLoadError, UserError
+from .errors import ConfigError, ImageLoadError, Interrupted, Terminated, UserError
 from .preprocess import MODES
 from .registry import DEFAULT_TOWER, REGISTRY
 
@@ -36,11 +38,16 @@ def cmd_features(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from .distributed import resolve_device
     from .tower import build_tower
 
+    if args.out is not None and (args.out.is_dir() or not args.out.parent.is_dir()):
+        raise ConfigError(f"--out {args.out}: " + ("is a directory" if args.out.is_dir() else "its folder does not exist")
+                          + "; give the path of a .safetensors file to write")
     layer = _layer(args)
     tower = build_tower(model=None if args.random_init else args.model, random_init=args.random_init,
-                        select_layer=layer, select_feature=args.feature, dtype=args.dtype, device=args.device)
+                        select_layer=layer, select_feature=args.feature, dtype=args.dtype,
+                        device=resolve_device(args.device))
     out: dict[str, torch.Tensor] = {}
     failed: dict[str, str] = {}
     start = time.perf_counter()
@@ -93,19 +100,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .cache import FeatureCache
+    from .cache import FeatureCache, restore_metadata
 
+    if args.restore_metadata:
+        restore_metadata(args.cache)
+        print(f"restored {args.cache}/metadata.json from the shards' own records")
     cache = FeatureCache(args.cache)
     bad = cache.verify()
     for name, problem in bad.items():
         print(f"bad shard {name}: {problem}", file=sys.stderr)
-    print(f"verified {len(cache.manifests)} shards, {len(cache)} features: {len(bad)} bad")
+    if bad:
+        print(f"to repair: run the extraction again with the same options; it redoes {len(bad)} bad or missing "
+              "shards and keeps the rest", file=sys.stderr)
+    print(f"verified {len(cache.manifests)} of {cache.expected_shards} shards, {len(cache)} features: {len(bad)} bad")
     return 1 if bad else 0
 
 
 def cmd_align(args: argparse.Namespace) -> int:
     from .distributed import is_main_process, leave_process_group
-    from .errors import ConfigError
     from .training import AlignConfig, train
 
     try:
@@ -118,7 +130,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         random_init_tower=args.random_init_tower, projector=args.projector, layer=_layer(args), feature=args.feature,
         lr=args.lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, epochs=args.epochs,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_length=args.max_length, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resume=args.resume,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, max_grad_norm=args.max_grad_norm,
         pad_token=args.pad_token, num_workers=args.num_workers, progress=not args.quiet,
     )
@@ -199,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bf16", action="store_true", help="LLM and tower in bf16, autocast; projector master weights fp32")
     a.add_argument("--gradient-checkpointing", action="store_true")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    a.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    a.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     a.add_argument("--save-every", type=int, default=500, help="optimizer steps between checkpoints (0: none)")
     a.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     a.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip")
@@ -211,19 +224,43 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="print a cache's metadata, counts and failures")
     i.add_argument("cache")
     i.set_defaults(func=cmd_inspect)
-    v = sub.add_parser("verify", help="re-hash every shard of a cache")
+    v = sub.add_parser("verify", help="check every shard of a cache (present, consistent, re-hashed); exit 1 if not")
     v.add_argument("cache")
+    v.add_argument("--restore-metadata", action="store_true",
+                   help="first write metadata.json again from what the shards recorded of it")
     v.set_defaults(func=cmd_verify)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _on_sigterm()
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(f"vision-tower: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt as e:
+        print(f"vision-tower: interrupted ({args.command}); what was complete is kept", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except UserError as e:  # an input or setting the user can fix; anything else is a bug and keeps its traceback
         print(f"vision-tower: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """SIGTERM (a scheduler's preemption, `kill`) ends a command as Ctrl-C does: complete work is kept,
+    the message says how to resume, and the exit code is 143. Returns the handler it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import ConfigError
+from .errors import ConfigError, ImageLoadError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -79,15 +80,21 @@ def list_keys(images: str | os.PathLike, list_file: str | os.PathLike | None = N
     """The image keys of a run, in a fixed order, each once.
 
     From a LLaVA JSON (every record's images) or a text file (one key a line, `#` comments); without
-    a list, every image file under `images`, sorted."""
+    a list, every entry under `images` named like an image, sorted: directories, FIFOs or dangling
+    links so named are keys too, and fail as such when read (`resolve_key`), rather than vanish."""
     root = Path(images)
+    if not root.is_dir():
+        raise ConfigError(f"--images {root} is not a directory")
     if list_file is None:
-        if not root.is_dir():
-            raise ConfigError(f"--images {root} is not a directory")
-        found = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        return sorted(k for k in found if (root / k).is_file())
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     path = Path(list_file)
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"--list {path} " + ("is a directory" if path.is_dir() else "does not exist")
+                          + "; expected a LLaVA JSON file or a text file of image paths")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--list {path} cannot be read as text: {e}") from e
     if path.suffix == ".json" or text.lstrip().startswith("["):
         keys = [k for r in read_llava_json(path) for k in r.images]
     else:
@@ -106,4 +113,27 @@ def safe_path(root: Path, key: str) -> Path | None:
         path.resolve().relative_to(root.resolve())
     except ValueError:
         return None
+    return path
+
+
+def resolve_key(root: Path, key: str) -> Path:
+    """root/key as a regular file ready to read, or `ImageLoadError` saying why not: the key escapes the
+    root, the file is missing (or a dangling link), is not a regular file (a directory, a FIFO that
+    would block forever), or its path cannot be resolved (a symlink loop, a name too long, a folder
+    without permission). Every one of these is about one key, so the caller records it and goes on."""
+    try:
+        path = safe_path(root, key)
+        if path is None:
+            raise ImageLoadError(f"path {key!r} escapes the image root; not read")
+        mode = os.stat(path).st_mode
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        dangling = os.path.islink(root / key)
+        raise ImageLoadError(f"missing file {str(root / key)!r}" + (" (a dangling link)" if dangling else "")) from None
+    except (OSError, RuntimeError, ValueError) as e:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ImageLoadError(f"cannot resolve {key!r} under {root}: {e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ImageLoadError(f"{str(path)!r} is {kind}, not an image file")
     return path

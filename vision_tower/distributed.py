@@ -10,6 +10,10 @@ import os
 import sys
 from typing import NamedTuple
 
+import torch
+
+from .errors import ConfigError
+
 
 class DistEnv(NamedTuple):
     rank: int
@@ -24,11 +28,28 @@ def dist_env() -> DistEnv:
     `init_process_group`."""
     env = DistEnv(*(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))))
     if env.world < 1 or not 0 <= env.rank < env.world:
-        from .errors import ConfigError
-
         raise ConfigError(f"RANK={env.rank} and WORLD_SIZE={env.world} do not describe a process of a run; "
                           "unset them for a single process, or launch with torchrun / accelerate launch")
     return env
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`--device` as a torch device ("cuda" is this process's GPU under torchrun); a device this machine
+    does not have is refused with what it has."""
+    name = f"cuda:{local_rank}" if name == "cuda" else name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this machine has no CUDA device (torch.cuda.is_available() is "
+                              "False); use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif device.type not in ("cpu", "mps"):
+        raise ConfigError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
 
 
 def is_main_process() -> bool:

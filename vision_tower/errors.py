@@ -29,3 +29,16 @@ class CacheError(UserError, ValueError):
 
 class ImageLoadError(UserError, ValueError):
     """An input could not be read as an image; the message names the input."""
+
+
+class Interrupted(UserError):
+    """A run stopped by Ctrl-C or SIGTERM; the message says what is kept and how to resume. `code` is
+    the exit code the shell expects (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, code: int = 130) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (by the command line's handler), so a run ends as on Ctrl-C."""

@@ -14,6 +14,7 @@ stops the run.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,11 +23,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import CacheWriter, cache_metadata, check_or_write_metadata, clean_shard, inspect_cache, manifest_path
+from .cache import (
+    CacheWriter, RankLock, cache_metadata, check_committed, check_or_write_metadata, clean_shard, inspect_cache,
+    manifest_path, shard_name,
+)
 from .checkpoints import state_dict_sha256
-from .data import IMAGE_SUFFIXES, list_keys, safe_path  # noqa: F401  (list_keys, safe_path: imported from here before)
-from .distributed import dist_env, leave_process_group  # noqa: F401  (leave_process_group: likewise)
-from .errors import ConfigError, ImageLoadError
+from .data import IMAGE_SUFFIXES, list_keys, resolve_key, safe_path  # noqa: F401  (safe_path: imported from here before)
+from .distributed import dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
+from .errors import ConfigError, ImageLoadError, Interrupted, Terminated
 from .pooling import pool_tokens
 from .preprocess import Mode
 from .tower import VisionTower, build_tower
@@ -80,6 +84,9 @@ class ExtractResult:
 
 # ---------------------------------------------------------------------------------------- inputs
 class _Images(Dataset):
+    """Key i -> (i, pixels, None), or (i, None, why not): every per-key step (the path checks, stat,
+    open, decode, the bounded preprocessing) happens inside this guard, so one key never stops a run."""
+
     def __init__(self, root: Path, keys: Sequence[str], prep: Callable[[Path], torch.Tensor]) -> None:
         self.root, self.keys, self.prep = root, keys, prep
 
@@ -88,17 +95,12 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         key = self.keys[i]
-        path = safe_path(self.root, key)
-        if path is None:
-            return i, None, f"path {key!r} escapes the image root; not read"
-        if not path.is_file():
-            return i, None, f"missing file {str(path)!r}"
         try:
-            return i, self.prep(path), None
+            return i, self.prep(resolve_key(self.root, key)), None
         except ImageLoadError as e:
             return i, None, str(e)
         except Exception as e:  # any decoder bug on one file must not end a long run
-            return i, None, f"cannot preprocess {str(path)!r}: {type(e).__name__}: {e}"
+            return i, None, f"cannot preprocess {key!r}: {type(e).__name__}: {e}"
 
 
 def _collate(items: list) -> dict[str, Any]:
@@ -110,12 +112,26 @@ def _collate(items: list) -> dict[str, Any]:
             "errors": [(i, err) for i, _, err in items if err is not None]}
 
 
+# ---------------------------------------------------------------------------------------- checks
+def check_config(cfg: ExtractConfig) -> None:
+    """Refuse, before any work, options that cannot run: each message names the option and what to do."""
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise ConfigError(f"batch size and shard size must be >= 1; got {cfg.batch_size} and {cfg.shard_size}")
+    if cfg.num_workers < 0 or cfg.queue_mb < 1:
+        raise ConfigError(f"--num-workers must be >= 0 and queue_mb >= 1; got {cfg.num_workers} and {cfg.queue_mb}")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out} is a file; give a directory (it is created if missing)")
+    if cfg.pool not in POOLS:
+        raise ConfigError(f"--pool {cfg.pool!r} is not one of {POOLS}")
+    if cfg.pool != "none" and cfg.feature == "cls":
+        raise ConfigError(f"--pool {cfg.pool} pools the patch grid, and --feature cls has none; use --feature "
+                          "cls_patch or patch, or --pool none")
+
+
 # ---------------------------------------------------------------------------------------- the run
 def _pool_fn(pool: str, num_prefix_tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if pool == "none":
         return None
-    if pool not in POOLS:
-        raise ConfigError(f"--pool {pool!r} is not one of {POOLS}")
     mode, stride = {"avg": "average", "max": "max", "bilinear": "bilinear"}[pool.rstrip("0123456789")], int(pool[-1])
     return lambda x: pool_tokens(x, stride, mode, num_prefix_tokens)
 
@@ -133,25 +149,48 @@ def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], to
         shard_size=cfg.shard_size, keys=list(keys), library_version=__version__, extra=cfg.extra_metadata)
 
 
-def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Features on the CPU, and on CUDA an event to wait for: the copy goes to pinned memory without
-    blocking, so the GPU computes the next batch while this one crosses and the writer thread waits."""
+def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+    """Features on the CPU, and on CUDA an event to wait for and the rows' finite mask: both go to
+    pinned memory without blocking, so the GPU computes the next batch while this one crosses and
+    the writer thread waits."""
     if feats.device.type != "cuda":
-        return feats.cpu(), None
+        return feats.cpu(), None, None
+    finite = torch.isfinite(feats).flatten(1).all(1)  # (B,), on the device
     host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
     host.copy_(feats, non_blocking=True)
+    host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+    host_finite.copy_(finite, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
-    return host, copied
+    return host, copied, host_finite
 
 
-def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
-    """Run (or resume) an extraction for this process's rank. Returns its counts."""
+def _plan(shard_dir: Path, keys: list[str], shard_size: int, rank: int, world: int,
+          metadata: dict[str, Any]) -> tuple[list[int], int]:
+    """(this rank's shards to write, how many it already has). A committed shard is kept only if it
+    passes the cheap checks (`check_committed`); one that does not is removed and written again."""
+    n_shards = (len(keys) + shard_size - 1) // shard_size
+    pending, done = [], 0
+    for s in range(rank, n_shards, world):
+        if manifest_path(shard_dir, s).exists():
+            problem = check_committed(shard_dir, s, keys[s * shard_size:(s + 1) * shard_size], metadata)
+            if problem is None:
+                done += 1
+                continue
+            print(f"vision-tower: redoing {shard_name(s)}: {problem}", file=sys.stderr)
+        clean_shard(shard_dir, s)
+        pending.append(s)
+    return pending, done
+
+
+def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResult:
+    """Run (or resume) an extraction for this process's rank. Returns its counts.
+
+    Ctrl-C or SIGTERM ends it with `Interrupted` (complete shards are kept: the same call resumes)."""
     start = time.perf_counter()
     rank, world, local_rank = dist_env()
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise ConfigError(f"batch size and shard size must be >= 1; got {cfg.batch_size} and {cfg.shard_size}")
-    device = f"cuda:{local_rank}" if cfg.device == "cuda" else cfg.device
+    check_config(cfg)
+    device = resolve_device(cfg.device, local_rank)
     root, out = Path(cfg.images), Path(cfg.out)
     keys = list_keys(root, cfg.list)
     if not keys:
@@ -171,39 +210,58 @@ def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    check_or_write_metadata(out, run_metadata(cfg, tower, keys, tokens, channels))
+    meta = run_metadata(cfg, tower, keys, tokens, channels)
+    check_or_write_metadata(out, meta)
+    with RankLock(out, rank, world):
+        pending, done = _plan(shard_dir, keys, cfg.shard_size, rank, world, meta)
+        result = ExtractResult(skipped_shards=done)
+        writer = CacheWriter(shard_dir, tokens, channels, tower.dtype, max_bytes=cfg.queue_mb << 20, metadata=meta)
+        try:
+            _run(cfg, tower, root, keys, prep, pool, pending, writer, result, rank, world)
+        except KeyboardInterrupt as e:
+            writer.abort()
+            code = 143 if isinstance(e, Terminated) else 130
+            raise Interrupted(f"interrupted: {result.skipped_shards + result.written_shards} of this rank's "
+                              f"{result.skipped_shards + len(pending)} shards are complete in {out}; run the same "
+                              "command to resume", code) from None
+        except BaseException:  # a bug: commit the shards already finished, then show it
+            try:
+                writer.close()
+            except Exception:
+                pass  # the writer's own failure is (or caused) the one being raised
+            raise
+        writer.close()
+    for key, reason in writer.rejected.items():  # rows the writer refused (NaN / inf)
+        result.failures[key] = reason
+    result.done -= len(writer.rejected)
+    result.failed += len(writer.rejected)
+    result.seconds = time.perf_counter() - start
+    return result
 
-    n_shards = (len(keys) + cfg.shard_size - 1) // cfg.shard_size
-    mine = [s for s in range(n_shards) if s % world == rank]
-    result = ExtractResult()
-    pending = []
-    for s in mine:
-        if manifest_path(shard_dir, s).is_file():
-            result.skipped_shards += 1
-        else:
-            clean_shard(shard_dir, s)
-            pending.append(s)
-    # Batches never cross a shard boundary, so every attempt computes the same batches.
-    batches = [list(range(lo, min(lo + cfg.batch_size, hi)))
-               for s in pending
-               for lo, hi in [(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(keys)))]
-               for lo in range(lo, hi, cfg.batch_size)]
-    total = sum(len(b) for b in batches)
 
-    loader = DataLoader(_Images(root, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
-                        collate_fn=_collate, pin_memory=str(device).startswith("cuda"),
-                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
-    writer = CacheWriter(shard_dir, tokens, channels, tower.dtype, max_bytes=cfg.queue_mb << 20)
-    shard_keys: dict[int, list[str]] = {}
-    shard_fail: dict[int, dict[str, str]] = {}
-    remaining = {s: min((s + 1) * cfg.shard_size, len(keys)) - s * cfg.shard_size for s in pending}
-
+def _run(cfg: ExtractConfig, tower: VisionTower, root: Path, keys: list[str], prep: Callable, pool: Callable | None,
+         pending: list[int], writer: CacheWriter, result: ExtractResult, rank: int, world: int) -> None:
+    """Decode in DataLoader workers, run the tower, hand rows to the writer; batches never cross a
+    shard boundary, so every attempt computes the same batches."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", desc=f"extract{f' rank {rank}' if world > 1 else ''}", disable=not cfg.progress)
+    S = cfg.shard_size
+    batches = [list(range(lo, min(lo + cfg.batch_size, hi)))
+               for s in pending
+               for lo, hi in [(s * S, min((s + 1) * S, len(keys)))]
+               for lo in range(lo, hi, cfg.batch_size)]
+    loader = DataLoader(_Images(root, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
+                        collate_fn=_collate, pin_memory=tower.device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+    shard_fail: dict[int, dict[str, str]] = {}
+    remaining = {s: min((s + 1) * S, len(keys)) - s * S for s in pending}
+    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"extract{f' rank {rank}' if world > 1 else ''}",
+               disable=not cfg.progress)
     try:
         for batch in loader:
-            shard = batch["index"][0] // cfg.shard_size
+            shard = batch["index"][0] // S
+            if remaining[shard] == min((shard + 1) * S, len(keys)) - shard * S:  # the shard's first batch
+                writer.start(shard, keys[shard * S:(shard + 1) * S])
             for i, err in batch["errors"]:
                 shard_fail.setdefault(shard, {})[keys[i]] = err
                 result.failures[keys[i]] = err
@@ -212,11 +270,11 @@ def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
                 with torch.inference_mode():
                     feats = tower(pixels)  # (B, T, C)
                     feats = pool(feats) if pool else feats
-                writer.rows(shard, *_to_host(feats))
-                shard_keys.setdefault(shard, []).extend(keys[i] for i in batch["ok"])
+                rows, copied, finite = _to_host(feats)
+                writer.rows(shard, rows, [keys[i] for i in batch["ok"]], copied, finite)
             remaining[shard] -= len(batch["index"])
             if remaining[shard] == 0:
-                writer.finish(shard, shard_keys.pop(shard, []), shard_fail.pop(shard, {}))
+                writer.finish(shard, shard_fail.pop(shard, {}))
                 result.written_shards += 1
             result.done += len(batch["ok"])
             result.failed += len(batch["errors"])
@@ -224,7 +282,3 @@ def extract(cfg: ExtractConfig, tower=None) -> ExtractResult:
             bar.set_postfix(failed=result.failed, refresh=False)
     finally:
         bar.close()
-        writer.close()
-    result.seconds = time.perf_counter() - start
-    return result
-

@@ -1,8 +1,9 @@
-"""Crash injection for the resume tests: the process kills itself (SIGKILL) at a named point.
+"""Fault injection for the resume tests: the process signals itself at a named point.
 
-    VISION_TOWER_FAULT=rows:3        once a shard has >= 3 rows on disk
-    VISION_TOWER_FAULT=manifest:2    after shard >= 2 is renamed into place, before its manifest is written
-    VISION_TOWER_FAULT=train_step:10 after optimizer step 10 of stage-1 training
+    VISION_TOWER_FAULT=rows:3        SIGKILL once a shard has >= 3 rows on disk
+    VISION_TOWER_FAULT=manifest:2    SIGKILL after shard >= 2 is renamed into place, before its manifest is written
+    VISION_TOWER_FAULT=train_step:10 SIGKILL after optimizer step 10 of stage-1 training
+    VISION_TOWER_FAULT=rows:3:INT    the same point, SIGINT (Ctrl-C) instead; TERM for SIGTERM
 
 Unset (always, outside tests) it costs one dictionary lookup.
 """
@@ -15,6 +16,9 @@ import signal
 
 def fault_point(point: str, value: int) -> None:
     spec = os.environ.get("VISION_TOWER_FAULT", "")
-    name, _, at = spec.partition(":")
+    name, _, rest = spec.partition(":")
+    at, _, sig = rest.partition(":")
     if name == point and at.isdigit() and value >= int(at):
-        os.kill(os.getpid(), signal.SIGKILL)
+        if sig:
+            os.environ.pop("VISION_TOWER_FAULT")  # once: the interrupted run must be able to clean up
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))

@@ -11,11 +11,12 @@ from .format import (
     FORMAT, HEADER_RESERVE, VERSION, ShardWriter, cache_metadata, check_or_write_metadata, file_sha256, manifest_path,
     open_rows, shard_header, shard_manifest, shard_name, write_json_atomic,
 )
-from .reader import CacheDataset, FeatureCache, inspect_cache
-from .writer import CacheWriter, clean_shard
+from .reader import CacheDataset, FeatureCache, check_committed, inspect_cache, read_metadata, restore_metadata
+from .writer import CacheWriter, RankLock, clean_shard
 
 __all__ = [
-    "FeatureCache", "CacheDataset", "CacheWriter", "CacheError", "ShardWriter", "inspect_cache", "FORMAT", "VERSION",
+    "FeatureCache", "CacheDataset", "CacheWriter", "RankLock", "CacheError", "ShardWriter", "inspect_cache",
+    "check_committed", "read_metadata", "restore_metadata", "FORMAT", "VERSION",
     "HEADER_RESERVE", "cache_metadata", "check_or_write_metadata", "clean_shard", "file_sha256", "open_rows",
     "manifest_path", "shard_header", "shard_manifest", "shard_name", "write_json_atomic",
 ]

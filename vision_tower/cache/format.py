@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,34 +75,66 @@ def file_sha256(path: Path, chunk: int = 16 << 20, start: int = 0) -> str:
 
 
 # ------------------------------------------------------------------------------ shards
-def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype) -> bytes:
-    """The first `HEADER_RESERVE` bytes of a shard of n rows: the safetensors header length, the
-    JSON header, and space padding (as the format allows)."""
-    header = json.dumps({"features": {"dtype": DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
-                                      "data_offsets": [0, n * tokens * channels * dtype.itemsize]},
-                         "__metadata__": {"format": FORMAT}}, separators=(",", ":")).encode()
-    room = HEADER_RESERVE - 8
+def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype, *, shard: int | None = None,
+                 keys: list[str] | None = None, cache: dict[str, Any] | None = None,
+                 reserve: int = HEADER_RESERVE) -> bytes:
+    """The first `reserve` bytes of a shard of n rows: the safetensors header length, the JSON header
+    and space padding (as the format allows). With `shard` / `keys` / `cache` the shard records its own
+    number, its keys in row order and the cache metadata it was written under (`__metadata__`,
+    covered by the manifest's `header_sha256`), so a reader can check what a manifest says against the
+    shard itself; without them, the header of shards written before those records existed."""
+    header = _header_json(n, tokens, channels, dtype, shard, keys, cache)
+    room = reserve - 8
     if len(header) > room:
         raise CacheError(f"safetensors header of {len(header)} bytes does not fit the reserved {room}")
     return struct.pack("<Q", room) + header + b" " * (room - len(header))
 
 
+def _header_json(n: int, tokens: int, channels: int, dtype: torch.dtype, shard: int | None, keys: list[str] | None,
+                 cache: dict[str, Any] | None) -> bytes:
+    meta = {"format": FORMAT}
+    if shard is not None:
+        meta["shard"] = str(shard)
+    if keys is not None:
+        meta["keys"] = json.dumps(keys, separators=(",", ":"))
+    if cache is not None:
+        meta["cache"] = canonical_json(cache)
+    return json.dumps({"features": {"dtype": DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
+                                    "data_offsets": [0, n * tokens * channels * dtype.itemsize]},
+                       "__metadata__": meta}, separators=(",", ":")).encode()
+
+
+def header_reserve(planned: list[str], tokens: int, channels: int, dtype: torch.dtype, shard: int,
+                   cache: dict[str, Any] | None) -> int:
+    """Bytes to reserve for the header of a shard that will hold at most the `planned` keys: the
+    header with all of them, rounded up to whole pages (rows then start page-aligned). The keys that
+    succeed are a subset, so their header is never longer."""
+    longest = 8 + len(_header_json(len(planned), tokens, channels, dtype, shard, planned, cache))
+    return -(-longest // HEADER_RESERVE) * HEADER_RESERVE
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
 class ShardWriter:
     """Streams (b, T, C) batches into one safetensors file whose header is written last.
 
-    The header's length is fixed in advance (`HEADER_RESERVE`), so rows go to disk as they arrive
-    and a shard never has to sit in memory whole. Rows are hashed on their way out (`data_sha256`),
-    so closing never reads the file back."""
+    The header's length is fixed in advance (`reserve`), so rows go to disk as they arrive and a
+    shard never has to sit in memory whole. Rows are hashed on their way out (`data_sha256`), so
+    closing never reads the file back."""
 
-    def __init__(self, final: Path, tokens: int, channels: int, dtype: torch.dtype) -> None:
+    def __init__(self, final: Path, tokens: int, channels: int, dtype: torch.dtype,
+                 reserve: int = HEADER_RESERVE) -> None:
         self.final = final
         self.tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         self.shape = (tokens, channels)
         self.dtype = dtype
+        self.reserve = reserve
         self.n = 0
         self._hash = hashlib.sha256()
         self._f = open(self.tmp, "wb")
-        self._f.write(b"\0" * HEADER_RESERVE)
+        self._f.write(b"\0" * reserve)
 
     def write(self, batch: torch.Tensor) -> None:
         if tuple(batch.shape[1:]) != self.shape or batch.dtype != self.dtype:
@@ -111,45 +144,145 @@ class ShardWriter:
         self._hash.update(data)
         self.n += batch.shape[0]
 
-    def close(self) -> tuple[str, int]:
-        """Header, fsync, rename into place. Returns (sha256 of the rows, bytes of the file)."""
+    def close(self, **records: Any) -> tuple[str, str, int]:
+        """Header (with `records`: shard, keys, cache), fsync, rename into place.
+        Returns (sha256 of the rows, sha256 of the header, bytes of the file)."""
+        header = shard_header(self.n, *self.shape, self.dtype, reserve=self.reserve, **records)
         self._f.seek(0)
-        self._f.write(shard_header(self.n, *self.shape, self.dtype))
+        self._f.write(header)
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self.tmp, self.final)
         fsync_dir(self.final.parent)
-        return self._hash.hexdigest(), HEADER_RESERVE + self.n * self.shape[0] * self.shape[1] * self.dtype.itemsize
+        nbytes = self.reserve + self.n * self.shape[0] * self.shape[1] * self.dtype.itemsize
+        return self._hash.hexdigest(), hashlib.sha256(header).hexdigest(), nbytes
 
     def abort(self) -> None:
         self._f.close()
         self.tmp.unlink(missing_ok=True)
 
 
-def open_rows(path: Path) -> torch.Tensor:
-    """A shard's (n, T, C) tensor as a copy-on-write memory map: zero-copy rows, no file writes."""
+@dataclass(frozen=True)
+class ShardHeader:
+    """What a shard says about itself."""
+
+    dtype: torch.dtype
+    shape: tuple[int, int, int]  # (n, T, C)
+    data_start: int  # byte offset of the first row
+    records: dict[str, str]  # __metadata__: format, and (newer shards) shard, keys, cache
+    raw: bytes  # the header's bytes, length prefix and padding included
+
+    @property
+    def keys(self) -> list[str] | None:
+        return json.loads(self.records["keys"]) if "keys" in self.records else None
+
+    @property
+    def shard(self) -> int | None:
+        return int(self.records["shard"]) if "shard" in self.records else None
+
+    @property
+    def cache(self) -> dict[str, Any] | None:
+        return json.loads(self.records["cache"]) if "cache" in self.records else None
+
+
+def read_raw_header(path: Path) -> bytes:
+    """The header's bytes as stored (length prefix, JSON, padding), without interpreting them."""
     with open(path, "rb") as f:
-        header_len = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_len))
-        info = header["features"]
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CacheError(f"{path} is truncated ({len(prefix)} bytes)")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if header_len > 100 << 20:
+            raise CacheError(f"{path} claims a {header_len}-byte header: not a shard of this cache")
+        return prefix + f.read(header_len)
+
+
+def read_header(path: Path) -> ShardHeader:
+    """A shard's header, or `CacheError` naming the file when it is not a shard of this format."""
+    try:
+        raw = read_raw_header(path)
+        header = json.loads(raw[8:])
+        info, records = header["features"], header.get("__metadata__", {})
+        n, T, C = (int(x) for x in info["shape"])
         dtype = NAME_DTYPES[info["dtype"]]
-        n, T, C = info["shape"]
-        if n == 0:
-            return torch.empty(0, T, C, dtype=dtype)
+        start = len(raw) + int(info["data_offsets"][0])
+    except CacheError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"{path} has no readable shard header ({type(e).__name__}: {e}); re-run the extraction "
+                         "to redo it") from e
+    if records.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a {FORMAT} shard")
+    return ShardHeader(dtype, (n, T, C), start, records, raw)
+
+
+def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = None,
+              keys: list[str] | None = None) -> torch.Tensor:
+    """A shard's (n, T, C) tensor as a copy-on-write memory map: zero-copy rows, no file writes.
+
+    `expect` = (n, T, C, dtype) from the manifest and the cache metadata, and `keys` (the manifest's)
+    are checked against what the shard says about itself: a read is right or raises."""
+    h = read_header(path)
+    n, T, C = h.shape
+    if expect is not None and (n, T, C, h.dtype) != expect:
+        raise CacheError(f"{path} holds ({n}, {T}, {C}) {h.dtype} rows, but its manifest and the cache metadata say "
+                         f"({expect[0]}, {expect[1]}, {expect[2]}) {expect[3]}; the shard was altered: re-run the "
+                         "extraction to redo it")
+    if keys is not None and h.keys is not None and h.keys != keys:
+        raise CacheError(f"{path} records other keys than its manifest (row order differs or keys were edited); "
+                         "re-run the extraction to redo this shard")
+    if n == 0:
+        return torch.empty(0, T, C, dtype=h.dtype)
+    size = os.path.getsize(path)
+    if size < h.data_start + n * T * C * h.dtype.itemsize:
+        raise CacheError(f"{path} is truncated ({size} bytes); re-run the extraction to redo it")
+    with open(path, "rb") as f:
         # Private (copy-on-write), read lazily: opening a shard for one row must not read all of it.
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    start = 8 + header_len + info["data_offsets"][0]
-    return torch.frombuffer(mm, dtype=dtype, count=n * T * C, offset=start).view(n, T, C)
+    return torch.frombuffer(mm, dtype=h.dtype, count=n * T * C, offset=h.data_start).view(n, T, C)
 
 
 # ------------------------------------------------------------------------------ manifests
 def shard_manifest(shard: int, file: str | None, keys: list[str], failures: dict[str, str],
-                   data_sha256: str | None, nbytes: int) -> dict[str, Any]:
-    """A shard's manifest: its keys in row order, the failures among its keys, and what verifies it.
+                   data_sha256: str | None, nbytes: int, header_sha256: str | None = None,
+                   planned_sha256: str | None = None) -> dict[str, Any]:
+    """A shard's manifest: its keys in row order, the failures among its keys, and what verifies it
+    (the rows' and the header's sha256, and that of the keys the shard was planned to hold, in order).
     `file` is None for a shard whose every key failed (no rows, no file)."""
     return {"shard": shard, "file": file, "keys": keys, "failures": failures, "data_sha256": data_sha256,
-            "bytes": nbytes}
+            "header_sha256": header_sha256, "bytes": nbytes, "planned_sha256": planned_sha256}
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None), or (None, the problem) for a manifest that cannot be trusted: not JSON, not of
+    the shard its file name says, naming a file other than its own, keys that are not a list of text."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"manifest is not readable JSON ({e})"
+    index = int(path.stem.split("-")[1])
+    if not isinstance(manifest, dict):
+        return None, "manifest is not a JSON object"
+    keys, failures, file = manifest.get("keys"), manifest.get("failures"), manifest.get("file", "?")
+    if manifest.get("shard") != index:
+        return None, f"manifest says shard {manifest.get('shard')!r}, its file name says {index}"
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        return None, "manifest keys are not a list of keys"
+    if not (isinstance(failures, dict) and all(isinstance(v, str) for v in failures.values())):
+        return None, "manifest failures are not a key -> reason mapping"
+    if file not in (None, f"{shard_name(index)}.safetensors") or (file is None and keys):
+        return None, f"manifest names the file {file!r}, not its own shard's"
+    if len(set(keys)) != len(keys) or set(keys) & set(failures):
+        return None, "manifest lists a key twice"
+    if not isinstance(manifest.get("bytes", 0), int):
+        return None, "manifest bytes is not a number"
+    return manifest, None
+
+
+def keys_sha256(keys: list[str]) -> str:
+    """The hash a cache records of an ordered key list (the whole run's, or one shard's)."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def manifest_path(shard_dir: Path, shard: int) -> Path:
@@ -170,19 +303,32 @@ def cache_metadata(*, model: str | None, random_init: str | None, seed: int | No
         "preprocess": preprocess, "layer": layer, "feature": feature, "pool": pool,
         "attn_implementation": attn_implementation, "dtype": str(dtype).removeprefix("torch."),
         "tokens": tokens, "channels": channels, "shard_size": shard_size, "num_keys": len(keys),
-        "keys_sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest(), **(extra or {}),
+        "keys_sha256": keys_sha256(keys), **(extra or {}),
     }
+
+
+def metadata_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The fields in which two caches' metadata differ (JSON values compared, so tuples equal lists)."""
+    new = json.loads(json.dumps(new))
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def check_or_write_metadata(out: Path, meta: dict[str, Any]) -> None:
     """Write `meta` into a new cache, or check that an existing cache was made with the same settings."""
     path = out / "metadata.json"
     if path.is_file():
-        old = json.loads(path.read_text())
-        diff = [f"  {k}: cache has {old.get(k)!r}, this run {meta.get(k)!r}"
-                for k in sorted(set(old) | set(meta)) if old.get(k) != json.loads(json.dumps(meta.get(k)))]
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise CacheError(f"{path} is not valid JSON ({e}); restore it from the shards' own records with "
+                             f"`vision-tower verify --restore-metadata {out}`") from e
+        diff = [f"  {k}: cache has {old.get(k)!r}, this run {meta.get(k)!r}" for k in metadata_diff(old, meta)]
         if diff:
             raise CacheError(f"{out} holds features made with other settings; refusing to mix them. "
                              "Differences:\n" + "\n".join(diff) + "\nUse another --out, or delete the cache.")
         return
+    committed = [*(out / "shards").glob("shard-*.json"), *(out / "shards").glob("shard-*.safetensors")]
+    if committed and not path.is_file():  # (a rank starting now may just have written it)
+        raise CacheError(f"{out} holds shards but no metadata.json, so nothing says what they hold; restore it from the "
+                         f"shards' own records with `vision-tower verify --restore-metadata {out}`, or use another --out")
     write_json_atomic(path, meta)  # every rank writes the same content; the rename makes it atomic

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -13,7 +14,82 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import CacheError
-from .format import FORMAT, HEADER_RESERVE, file_sha256, open_rows, shard_header
+from .format import (
+    FORMAT, file_sha256, keys_sha256, manifest_path, metadata_diff, open_rows, read_header, read_manifest,
+    read_raw_header, shard_header, shard_name, write_json_atomic,
+)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """A cache's metadata.json, or `CacheError` naming the file and what to do."""
+    meta_path = Path(path) / "metadata.json"
+    if not meta_path.is_file():
+        if any((Path(path) / "shards").glob("shard-*.safetensors")):
+            raise CacheError(f"{path} holds shards but no metadata.json; restore it from the shards' own records "
+                             f"with `vision-tower verify --restore-metadata {path}`")
+        raise CacheError(f"{path} is not a feature cache: it has no metadata.json")
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise CacheError(f"{meta_path} is not valid JSON ({e}); restore it from the shards' own records with "
+                         f"`vision-tower verify --restore-metadata {path}`") from e
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise CacheError(f"{meta_path} is not a {FORMAT} metadata file")
+    return metadata
+
+
+def check_committed(shard_dir: Path, shard: int, planned: list[str], metadata: dict[str, Any]) -> str | None:
+    """Why a committed shard cannot be kept by a run that plans `planned` for it, or None. Cheap (the
+    manifest, the file's size and header; not the rows' hash, which `verify` checks): what a resumed
+    extraction checks of every shard it would skip."""
+    manifest, problem = read_manifest(manifest_path(shard_dir, shard))
+    if problem is not None:
+        return problem
+    accounted = manifest["keys"] + list(manifest["failures"])
+    if manifest.get("planned_sha256") not in (None, keys_sha256(planned)) or sorted(accounted) != sorted(planned):
+        return "it holds other keys than this run plans for it"
+    if manifest["file"] is None:
+        return None
+    path = shard_dir / manifest["file"]
+    if not path.is_file():
+        return "its file is missing"
+    if path.stat().st_size != manifest["bytes"]:
+        return f"its file has {path.stat().st_size} bytes, its manifest says {manifest['bytes']}"
+    try:
+        h = read_header(path)
+    except CacheError as e:
+        return str(e)
+    if manifest.get("header_sha256") not in (None, hashlib.sha256(h.raw).hexdigest()):
+        return "its header does not match its manifest"
+    if h.shape != (len(manifest["keys"]), metadata["tokens"], metadata["channels"]) or \
+            h.dtype != getattr(torch, metadata["dtype"]):
+        return "its rows are not of the cache's shape and dtype"
+    if h.keys is not None and (h.keys, h.shard) != (manifest["keys"], shard):
+        return "its own record of its keys differs from its manifest"
+    return None
+
+
+def restore_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Write `metadata.json` again from the metadata every shard recorded in its header (they must all
+    agree). Shards written before shards recorded it cannot restore it."""
+    path = Path(path)
+    records = []
+    for shard in sorted((path / "shards").glob("shard-*.safetensors")):
+        try:
+            records.append((shard.name, read_header(shard).cache))
+        except CacheError:
+            continue  # a damaged shard: verify reports it
+    found = [(name, c) for name, c in records if c is not None]
+    if not found:
+        raise CacheError(f"no shard under {path / 'shards'} records its cache metadata (shards written before 0.2 do "
+                         "not): the metadata cannot be restored; re-extract into a new --out")
+    first = found[0][1]
+    disagree = [name for name, c in found if c != first]
+    if disagree:
+        raise CacheError(f"the shards under {path / 'shards'} were written under different settings ({found[0][0]} vs "
+                         f"{disagree[0]}): the metadata cannot be restored; re-extract into a new --out")
+    write_json_atomic(path / "metadata.json", first)
+    return first
 
 
 class FeatureCache:
@@ -21,26 +97,34 @@ class FeatureCache:
 
     `feature` takes a derivable view of what was stored: from a `cls_patch` cache, `patch` drops
     the CLS token and `cls` keeps only it. Each process maps each shard once, lazily, so a cache can
-    be shared with DataLoader workers (a forked worker maps its own)."""
+    be shared with DataLoader workers (a forked worker maps its own).
+
+    Reads are right or raise: a manifest that cannot be trusted marks its shard damaged (its keys are
+    not in the cache; `damaged` says why), and opening a shard checks its rows' shape and dtype and
+    its own record of its keys against the manifest and the metadata."""
 
     def __init__(self, path: str | os.PathLike, feature: str | None = None) -> None:
         self.path = Path(path)
-        meta_path = self.path / "metadata.json"
-        if not meta_path.is_file():
-            raise CacheError(f"{self.path} is not a feature cache: it has no metadata.json")
-        self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.metadata.get("format") != FORMAT:
-            raise CacheError(f"{meta_path} is not a {FORMAT} (format {self.metadata.get('format')!r})")
+        self.metadata = read_metadata(self.path)
         self._slice = _feature_slice(self.metadata["feature"], feature)
         self.feature = feature or self.metadata["feature"]
         self.manifests: dict[int, dict[str, Any]] = {}
+        self.damaged: dict[int, str] = {}  # shard -> why its manifest cannot be trusted
         self._where: dict[str, tuple[int, int]] = {}
         self.failures: dict[str, str] = {}
         for m in sorted((self.path / "shards").glob("shard-*.json")):
-            manifest = json.loads(m.read_text())
-            self.manifests[manifest["shard"]] = manifest
+            if not m.stem.split("-")[1].isdigit():
+                continue
+            manifest, problem = read_manifest(m)
+            shard = int(m.stem.split("-")[1])
+            if problem is None and (twice := next((k for k in manifest["keys"] if k in self._where), None)):
+                problem = f"key {twice!r} is also in {shard_name(self._where[twice][0])}"
+            if problem is not None:
+                self.damaged[shard] = problem
+                continue
+            self.manifests[shard] = manifest
             for row, key in enumerate(manifest["keys"]):
-                self._where[key] = (manifest["shard"], row)
+                self._where[key] = (shard, row)
             self.failures.update(manifest["failures"])
         self._rows: dict[int, torch.Tensor] = {}
         self._pid = os.getpid()
@@ -68,7 +152,9 @@ class FeatureCache:
         if os.getpid() != self._pid:  # a forked DataLoader worker: map the shards anew
             self._rows, self._pid = {}, os.getpid()
         if shard not in self._rows:
-            self._rows[shard] = open_rows(self.path / "shards" / self.manifests[shard]["file"])
+            manifest, m = self.manifests[shard], self.metadata
+            expect = (len(manifest["keys"]), m["tokens"], m["channels"], getattr(torch, m["dtype"]))
+            self._rows[shard] = open_rows(self.path / "shards" / manifest["file"], expect, manifest["keys"])
         return self._rows[shard]
 
     def _locate(self, key: str) -> tuple[int, int]:
@@ -77,6 +163,8 @@ class FeatureCache:
         except KeyError:
             reason = self.failures.get(key)
             detail = f": extraction failed ({reason})" if reason else ""
+            if not reason and self.damaged:
+                detail = f" ({len(self.damaged)} damaged shards: `vision-tower verify {self.path}`)"
             raise KeyError(f"{key!r} is not in the cache {self.path}{detail}") from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -108,29 +196,59 @@ class FeatureCache:
         return out
 
     # ------------------------------------------------------------------ checks
+    @property
+    def expected_shards(self) -> int:
+        """How many shards the run's key list implies."""
+        return -(-self.metadata["num_keys"] // self.metadata["shard_size"])
+
     def verify(self) -> dict[str, str]:
-        """Re-hash every shard against its manifest. Returns {shard file: problem} (empty if all good)."""
-        bad: dict[str, str] = {}
-        for manifest in self.manifests.values():
-            name = manifest["file"]
-            if name is None:
-                continue
-            path = self.path / "shards" / name
-            if not path.is_file():
-                bad[name] = "missing"
-            elif path.stat().st_size != manifest["bytes"]:
-                bad[name] = f"size {path.stat().st_size} != {manifest['bytes']}"
-            elif "data_sha256" in manifest:  # the header is checked byte for byte, the rows by their hash
-                with open(path, "rb") as f:
-                    header = f.read(HEADER_RESERVE)
-                m = self.metadata
-                if header != shard_header(len(manifest["keys"]), m["tokens"], m["channels"], getattr(torch, m["dtype"])):
-                    bad[name] = "header does not match the manifest"
-                elif file_sha256(path, start=HEADER_RESERVE) != manifest["data_sha256"]:
-                    bad[name] = "checksum mismatch"
-            elif file_sha256(path) != manifest["sha256"]:  # older manifests: a hash of the whole file
-                bad[name] = "checksum mismatch"
+        """Check every shard the key list implies: present, its manifest consistent with the shard's own
+        record (number, keys, row count, dtype, the metadata it was written under) and its rows' hash.
+        Returns {shard file: problem}; empty means the cache is complete and intact."""
+        m = self.metadata
+        bad = {f"{shard_name(s)}.json": problem for s, problem in self.damaged.items()}
+        for s in range(self.expected_shards):
+            if s not in self.manifests and s not in self.damaged:
+                bad[f"{shard_name(s)}.json"] = "missing: not extracted (yet); run the extraction again to finish it"
+        for s, manifest in self.manifests.items():
+            planned = min(m["shard_size"], m["num_keys"] - s * m["shard_size"])
+            name = manifest["file"] or f"{shard_name(s)}.json"
+            if s >= self.expected_shards:
+                bad[name] = f"shard {s} is beyond the {self.expected_shards} shards of the key list"
+            elif len(manifest["keys"]) + len(manifest["failures"]) != planned:
+                bad[name] = f"holds {len(manifest['keys'])} keys and {len(manifest['failures'])} failures, not {planned}"
+            elif manifest["file"] is not None and (problem := self._check_shard(s, manifest)):
+                bad[name] = problem
         return bad
+
+    def _check_shard(self, s: int, manifest: dict[str, Any]) -> str | None:
+        m = self.metadata
+        path = self.path / "shards" / manifest["file"]
+        if not path.is_file():
+            return "missing"
+        if path.stat().st_size != manifest["bytes"]:
+            return f"size {path.stat().st_size} != {manifest['bytes']}"
+        if "data_sha256" not in manifest:  # the oldest manifests: a hash of the whole file
+            return None if file_sha256(path) == manifest["sha256"] else "checksum mismatch"
+        shape = (len(manifest["keys"]), m["tokens"], m["channels"])
+        try:
+            raw = read_raw_header(path)
+            if manifest.get("header_sha256") is None:  # shards written before headers recorded their keys
+                if raw != shard_header(*shape, getattr(torch, m["dtype"]), reserve=len(raw)):
+                    return "header does not match the manifest"
+            elif hashlib.sha256(raw).hexdigest() != manifest["header_sha256"]:
+                return "header does not match the manifest"
+            h = read_header(path)
+        except CacheError as e:
+            return str(e)
+        if manifest.get("header_sha256") is not None:  # the shard's own records, against the manifest and metadata
+            if (h.shard, h.keys, h.shape, h.dtype) != (s, manifest["keys"], shape, getattr(torch, m["dtype"])):
+                return "the shard's own record of its number, keys or shape differs from its manifest"
+            if h.cache is not None and (diff := metadata_diff(h.cache, m)):
+                return f"written under other settings than metadata.json says ({', '.join(diff)})"
+        if file_sha256(path, start=h.data_start) != manifest["data_sha256"]:
+            return "checksum mismatch"
+        return None
 
     def dataset(self, keys: Sequence[str] | None = None) -> "CacheDataset":
         return CacheDataset(self, list(keys) if keys is not None else self.keys())

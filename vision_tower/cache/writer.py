@@ -1,7 +1,12 @@
-"""Writing a cache: `CacheWriter` streams rows into shards on threads of its own, off the device's path."""
+"""Writing a cache: `CacheWriter` streams rows into shards on threads of its own, off the device's
+path, and `RankLock` makes sure one process at a time writes a rank's shards."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
+import os
 import queue
 import threading
 from pathlib import Path
@@ -9,8 +14,15 @@ from typing import Any
 
 import torch
 
+from ..errors import CacheError
 from ..faults import fault_point
-from .format import ShardWriter, manifest_path, shard_manifest, shard_name, write_json_atomic
+from .format import (
+    ShardWriter, header_reserve, keys_sha256, manifest_path, shard_manifest, shard_name, write_json_atomic,
+)
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NON_FINITE = ("the tower gave NaN or inf features for this image (not written); in {} that can be an overflow: "
+               "extract in bf16 or fp32, else check the weights and the preprocessing config")
 
 
 class CacheWriter:
@@ -20,33 +32,59 @@ class CacheWriter:
     At most `max_bytes` of rows (and always one batch) wait in memory, whatever the disk's speed:
     past that, `rows` blocks the caller.
 
-        writer = CacheWriter(cache / "shards", tokens=577, channels=1024, dtype=torch.bfloat16)
-        writer.rows(0, batch)                  # (b, 577, 1024), any number of times per shard
-        writer.finish(0, keys, failures)       # keys in row order; commits shard 0's manifest
+        writer = CacheWriter(cache / "shards", tokens=577, channels=1024, dtype=torch.bfloat16, metadata=meta)
+        writer.start(0, planned_keys)          # the keys shard 0 may hold, in order
+        writer.rows(0, batch, batch_keys)      # (b, 577, 1024) and its b keys, any number of times per shard
+        writer.finish(0, failures)             # the shard's other keys -> why; commits shard 0's manifest
         writer.close()                         # waits for every shard; raises a writer thread's error
+
+    Rows holding NaN or inf are never written: their keys become failures saying so. Each shard's
+    header records its number, its keys and `metadata` (the cache's), so reads and `verify` can check
+    the manifest against the shard itself.
     """
 
-    def __init__(self, shard_dir: Path, tokens: int, channels: int, dtype: torch.dtype, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, shard_dir: Path, tokens: int, channels: int, dtype: torch.dtype, max_bytes: int = 1 << 30,
+                 metadata: dict[str, Any] | None = None) -> None:
         self.dir, self.shape, self.dtype = Path(shard_dir), (tokens, channels), dtype
+        self.metadata = metadata
         self.max_bytes, self.queued = max_bytes, 0
         self.budget = threading.Condition()
         self.shards: dict[int, tuple[threading.Thread, queue.SimpleQueue]] = {}
         self.error: BaseException | None = None
+        self.aborting = False
+        self.rejected: dict[str, str] = {}  # keys whose rows held NaN / inf, and were not written
 
-    def rows(self, shard: int, rows: torch.Tensor, copied: Any = None) -> None:
-        """Queue rows for `shard`; `copied` is the CUDA event of their device-to-host copy (or None)."""
+    def start(self, shard: int, planned: list[str]) -> None:
+        """Open `shard`, which will hold (a subset of) the `planned` keys, in that order."""
+        self._raise_if_failed()
+        if shard in self.shards and self.shards[shard][0].is_alive():
+            raise CacheError(f"{shard_name(shard)} was started twice")
+        self.shards = {s: tq for s, tq in self.shards.items() if tq[0].is_alive()}  # forget committed shards
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        thread = threading.Thread(target=self._write_shard, args=(shard, list(planned), q), daemon=True,
+                                  name=f"vision-tower-writer-{shard}")
+        thread.start()
+        self.shards[shard] = (thread, q)
+
+    def rows(self, shard: int, rows: torch.Tensor, keys: list[str], copied: Any = None,
+             finite: torch.Tensor | None = None) -> None:
+        """Queue (b, T, C) rows and their b keys for `shard`. On CUDA, `copied` is the event of their
+        device-to-host copy and `finite` a (b,) mask of rows free of NaN / inf computed on the device
+        (it is computed here otherwise)."""
+        if rows.shape[0] != len(keys):
+            raise CacheError(f"{rows.shape[0]} rows for {len(keys)} keys")
         with self.budget:
             while self.queued and self.queued + rows.nbytes > self.max_bytes:
                 self.budget.wait(timeout=0.5)
                 self._raise_if_failed()
             self.queued += rows.nbytes
         self._raise_if_failed()
-        self._queue(shard).put(("rows", rows, copied))
+        self._queue(shard).put(("rows", rows, list(keys), copied, finite))
 
-    def finish(self, shard: int, keys: list[str], failures: dict[str, str]) -> None:
-        """No more rows for `shard`: close it and commit its manifest (keys in row order)."""
+    def finish(self, shard: int, failures: dict[str, str]) -> None:
+        """No more rows for `shard`: close it and commit its manifest. `failures`: its other keys -> why."""
         self._raise_if_failed()
-        self._queue(shard).put(("finish", keys, failures))
+        self._queue(shard).put(("finish", dict(failures)))
 
     def close(self) -> None:
         """Wait for every shard; shards never finished (the caller failed) are discarded."""
@@ -56,38 +94,64 @@ class CacheWriter:
             thread.join()
         self._raise_if_failed()
 
+    def abort(self) -> None:
+        """Stop at once (an interrupt): queued rows are dropped and unfinished shards removed; a shard
+        whose commit is under way completes it. Never raises: the caller is already failing."""
+        self.aborting = True
+        for _, q in self.shards.values():
+            q.put(None)
+        for thread, _ in self.shards.values():
+            thread.join()
+
     def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"the shard writer failed: {self.error}") from self.error
+        e = self.error
+        if e is None:
+            return
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            raise CacheError(f"no space left on the device writing {e.filename or self.dir}: free some space and run "
+                             "the same command again; it resumes with the shards already complete") from e
+        raise RuntimeError(f"the shard writer failed: {e}") from e
 
     def _queue(self, shard: int) -> queue.SimpleQueue:
         if shard not in self.shards:
-            self.shards = {s: tq for s, tq in self.shards.items() if tq[0].is_alive()}  # forget committed shards
-            q: queue.SimpleQueue = queue.SimpleQueue()
-            thread = threading.Thread(target=self._write_shard, args=(shard, q), daemon=True,
-                                      name=f"vision-tower-writer-{shard}")
-            thread.start()
-            self.shards[shard] = (thread, q)
+            raise CacheError(f"rows for {shard_name(shard)}, which was not started: call start(shard, keys) first")
         return self.shards[shard][1]
 
-    def _write_shard(self, shard: int, q: queue.SimpleQueue) -> None:
+    def _write_shard(self, shard: int, planned: list[str], q: queue.SimpleQueue) -> None:
         writer: ShardWriter | None = None
+        keys: list[str] = []
+        failures: dict[str, str] = {}
         try:
-            while (item := q.get()) is not None:
+            while (item := q.get()) is not None and not self.aborting:
                 kind, *rest = item
                 if kind == "finish":
-                    self._commit(shard, writer, *rest)
+                    self._commit(shard, planned, writer, keys, {**failures, **rest[0]})
                     return
-                rows, copied = rest
+                rows, batch_keys, copied, finite = rest
                 if copied is not None:
                     copied.synchronize()  # the asynchronous device-to-host copy has landed
-                if writer is None:
-                    writer = ShardWriter(self.dir / f"{shard_name(shard)}.safetensors", *self.shape, self.dtype)
-                writer.write(rows)
+                ok = (torch.isfinite(rows).flatten(1).all(1) if finite is None else finite).tolist()
+                if not all(ok):
+                    rejected = {k: _NON_FINITE.format(self.dtype) for k, good in zip(batch_keys, ok) if not good}
+                    failures |= rejected
+                    with self.budget:
+                        self.rejected |= rejected
+                    nbytes, rows = rows.nbytes, rows[torch.tensor(ok)]
+                    batch_keys = [k for k, good in zip(batch_keys, ok) if good]
+                else:
+                    nbytes = rows.nbytes
+                if len(rows):
+                    if writer is None:
+                        reserve = header_reserve(planned, *self.shape, self.dtype, shard, self.metadata)
+                        writer = ShardWriter(self.dir / f"{shard_name(shard)}.safetensors", *self.shape, self.dtype,
+                                             reserve)
+                    writer.write(rows)
+                    keys += batch_keys
                 with self.budget:
-                    self.queued -= rows.nbytes
+                    self.queued -= nbytes
                     self.budget.notify_all()
-                fault_point("rows", writer.n)
+                if writer is not None:
+                    fault_point("rows", writer.n)
         except BaseException as e:  # reported to the caller at its next call (a failed batch keeps its budget)
             with self.budget:
                 self.error = self.error or e
@@ -95,18 +159,92 @@ class CacheWriter:
         if writer is not None:  # failed, or never finished: leave nothing behind
             writer.abort()
 
-    def _commit(self, shard: int, writer: ShardWriter | None, keys: list[str], failures: dict[str, str]) -> None:
-        digest, nbytes, file = (None, 0, None)
+    def _commit(self, shard: int, planned: list[str], writer: ShardWriter | None, keys: list[str],
+                failures: dict[str, str]) -> None:
+        if len(keys) + len(failures) != len(planned) or (set(keys) | set(failures)) != set(planned):
+            raise CacheError(f"{shard_name(shard)}: {len(keys)} keys and {len(failures)} failures do not account for "
+                             f"the {len(planned)} planned keys")
+        digest = header = None
+        nbytes, file = 0, None
         if writer is not None:
-            digest, nbytes = writer.close()
+            digest, header, nbytes = writer.close(shard=shard, keys=keys, cache=self.metadata)
             file = writer.final.name
         fault_point("manifest", shard)
-        write_json_atomic(manifest_path(self.dir, shard), shard_manifest(shard, file, keys, failures, digest, nbytes))
+        write_json_atomic(manifest_path(self.dir, shard),
+                          shard_manifest(shard, file, keys, failures, digest, nbytes, header, keys_sha256(planned)))
 
 
 def clean_shard(shard_dir: Path, shard: int) -> None:
-    """Remove what a crashed attempt left of an unfinished shard (never referenced by any manifest)."""
+    """Remove what an earlier attempt left of a shard that is to be (re)written: its manifest first
+    (the manifest is what makes a shard visible), then its file and any temporary files."""
     name = shard_name(shard)
+    manifest = manifest_path(shard_dir, shard)
+    if manifest.exists():
+        manifest.unlink()
     for leftover in shard_dir.glob(f"{name}.*"):
-        if leftover.name != f"{name}.json":
-            leftover.unlink()
+        leftover.unlink()
+
+
+class RankLock:
+    """An advisory lock (`fcntl.flock`) on `CACHE/locks/rank-R.lock`, held for a whole extraction: one
+    process at a time writes a rank's shards, whatever the file system's speed. The lock file names
+    its holder's PID and process count; a second process gets an error naming them, and a process
+    whose run has another process count than a live holder's is refused too (their shards overlap).
+    The kernel drops the lock when the holder exits, even by SIGKILL: a stale file never blocks."""
+
+    def __init__(self, cache_dir: Path, rank: int, world: int) -> None:
+        self.dir = Path(cache_dir) / "locks"
+        self.path = self.dir / f"rank-{rank:05d}.lock"
+        self.rank, self.world = rank, world
+        self._fd: int | None = None
+
+    def acquire(self) -> "RankLock":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise CacheError(f"another process (PID {holder.get('pid', '?')}) is writing rank {self.rank} of "
+                             f"{self.dir.parent}; wait for it to finish, or write to another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "world": self.world}).encode())
+        self._fd = fd
+        for other in sorted(self.dir.glob("rank-*.lock")):
+            if other != self.path:
+                self._check_other(other)
+        return self
+
+    def _check_other(self, other: Path) -> None:
+        fd = os.open(other, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # free: nobody holds it
+                return
+            except BlockingIOError:
+                holder = _holder(fd)
+        finally:
+            os.close(fd)
+        if holder.get("world") not in (None, self.world):
+            self.release()
+            raise CacheError(f"a run of {holder['world']} processes (PID {holder.get('pid', '?')}) is writing "
+                             f"{self.dir.parent}; a run of {self.world} would write the same shards: wait for it")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RankLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}

@@ -20,10 +20,13 @@ The launch decides the wrapping (DDP, FSDP, DeepSpeed ZeRO from `accelerate laun
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,13 +37,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..cache import FeatureCache
-from ..data import read_llava_json, safe_path
+from ..data import read_llava_json, resolve_key, safe_path
 from ..distributed import dist_env
-from ..errors import CacheError, ConfigError, UserError, WeightsUnavailableError
+from ..errors import CacheError, ConfigError, ImageLoadError, UserError, WeightsUnavailableError
 from ..faults import fault_point
 from ..projector import Projector, build_projector
 from ..tower import VisionTower, build_tower
-from .checkpoint import CheckpointMismatch, latest_checkpoint, load_checkpoint, projector_state, save_checkpoint
+from .checkpoint import CheckpointMismatch, fingerprint_diff, load_latest, projector_state, save_checkpoint
 
 IGNORE_INDEX = -100
 
@@ -70,7 +73,8 @@ class AlignConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
-    resume: bool = False
+    resume: bool = False  # continue from the latest checkpoint in `out` (of this same run)
+    overwrite: bool = False  # replace the outputs of an earlier run in `out`
     save_every: int = 500  # optimizer steps between checkpoints (0: only the final save)
     keep_checkpoints: int = 2
     pad_token: str | None = None  # set the tokenizer's pad token (e.g. "<unk>") when it has none
@@ -126,20 +130,27 @@ class AlignDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         key, ids = self.samples[i]
         if self.cache is not None:
-            vision = self.cache[key].clone()  # (T, C)
-        else:
-            vision = self.prep(safe_path(self.images, key))  # (3, S, S); keys were checked against the root
-        return {"key": key, "vision": vision, "ids": ids}
+            return {"key": key, "vision": self.cache[key].clone(), "ids": ids}  # (T, C)
+        try:  # online: an image that cannot be read is a counted skip, never the end of the run
+            return {"key": key, "vision": self.prep(resolve_key(self.images, key)), "ids": ids}  # (3, S, S)
+        except ImageLoadError as e:  # zeros keep the batch's shape; its `keep` flag keeps it out of the loss
+            side = self.prep.configs[0].image_size
+            return {"key": key, "vision": torch.zeros(3 * len(self.prep.configs), side, side), "ids": ids,
+                    "error": str(e)}
 
 
-def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Padded ids and mask, stacked features, and `keep`: False for samples whose image could not be
+    read (they stay in the batch, so every rank runs the same steps, but add nothing to the loss)."""
     L = max(len(it["ids"]) for it in items)
     ids = torch.full((len(items), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(items), L, dtype=torch.long)
     for row, it in enumerate(items):
         ids[row, : len(it["ids"])] = torch.tensor(it["ids"])
         mask[row, : len(it["ids"])] = 1
-    return {"vision": torch.stack([it["vision"] for it in items]), "ids": ids, "mask": mask}
+    return {"vision": torch.stack([it["vision"] for it in items]), "ids": ids, "mask": mask,
+            "keep": torch.tensor(["error" not in it for it in items]),
+            "unreadable": {it["key"]: it["error"] for it in items if "error" in it}}
 
 
 def micro_batches(n: int, global_batch: int, micro: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
@@ -189,7 +200,8 @@ class AlignModel(nn.Module):
         super().__init__()
         self.llm, self.projector, self.bos_id = llm, projector, bos_id
 
-    def forward(self, vision: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, vision: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         embed = self.llm.get_input_embeddings()
         image = self.projector(vision)  # (B, N, H)
         text = embed(ids)  # (B, L, H)
@@ -203,8 +215,14 @@ class AlignModel(nn.Module):
             labels.insert(0, torch.full((B, 1), IGNORE_INDEX, device=ids.device))
         inputs = torch.cat([*parts, text.to(image.dtype)], dim=1)  # (B, 1 + N + L, H)
         attention = torch.cat([*masks, mask], dim=1)
-        target = torch.cat([*labels, ids.masked_fill(mask == 0, IGNORE_INDEX)], dim=1)
-        return self.llm(inputs_embeds=inputs, attention_mask=attention, labels=target).loss
+        caption = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        if keep is not None and keep.any():  # samples left out of the loss (an unreadable image)
+            caption = caption.masked_fill(~keep.to(caption.device)[:, None], IGNORE_INDEX)
+        target = torch.cat([*labels, caption], dim=1)
+        loss = self.llm(inputs_embeds=inputs, attention_mask=attention, labels=target).loss
+        if keep is not None and not keep.any():  # nothing to learn from: a zero loss keeps the ranks in step
+            loss = loss * 0.0
+        return loss
 
 
 def load_llm(cfg: AlignConfig):
@@ -329,6 +347,58 @@ def check_fsdp_plugin(plugin) -> None:
                          "unit: set fsdp_use_orig_params: true in the accelerate config, or use fsdp_version: 2")
 
 
+# ------------------------------------------------------------------------------------------- one run per --out
+RUN_FILE = "run.json"  # the fingerprint of the run whose outputs are in --out
+OUTPUTS = ("checkpoints", "log.jsonl", RUN_FILE, "run_config.json", "mm_projector.bin", "config.json", "projector",
+           "loss.png")
+# what changes the trajectory: a checkpoint written with other values than these belongs to another run
+_TRAJECTORY = ("llm", "projector", "layer", "feature", "lr", "batch_size", "epochs", "warmup_ratio", "weight_decay",
+               "max_grad_norm", "max_length", "bf16", "seed", "pad_token")
+
+
+def run_fingerprint(cfg: AlignConfig, cache: FeatureCache | None) -> dict[str, Any]:
+    """The data (its bytes), the vision features (the cache's identity, or the online tower), the LLM,
+    the starting projector and every hyper-parameter that changes the result. Not the process count,
+    micro batch or anything else a resumed run may change."""
+    fp: dict[str, Any] = {k: getattr(cfg, k) for k in _TRAJECTORY}
+    fp["data_sha256"] = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
+    if cache is not None:
+        m = cache.metadata
+        fp["vision"] = {k: m.get(k) for k in ("tower", "weights_sha256", "layer", "feature", "pool", "dtype",
+                                              "preprocess", "keys_sha256")}
+    else:
+        fp["vision"] = {"model": cfg.model, "random_init": cfg.random_init_tower}
+    if Path(cfg.projector).is_dir():  # a starting projector: its weights, not its path
+        weights = Path(cfg.projector) / "model.safetensors"
+        fp["projector"] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else cfg.projector
+    return json.loads(json.dumps(fp))  # JSON values, as they are compared once read back
+
+
+def claim_out(cfg: AlignConfig, fingerprint: dict[str, Any], main: bool) -> None:
+    """--out holds one run: a new run refuses another run's outputs (unless --overwrite, which removes
+    them), and --resume refuses to continue a run that is not this one, saying what differs."""
+    out = Path(cfg.out)
+    found = [name for name in OUTPUTS if (out / name).exists()]
+    if not found:
+        return
+    if cfg.overwrite:
+        if main:
+            for name in found:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        return
+    if not cfg.resume:
+        raise AlignError(f"--out {out} holds the outputs of an earlier run ({', '.join(found)}); pass --resume to "
+                         "continue it, --overwrite to replace it, or another --out")
+    if (out / RUN_FILE).is_file():
+        try:
+            theirs = json.loads((out / RUN_FILE).read_text())
+        except ValueError:
+            theirs = {}
+        if diff := fingerprint_diff(theirs, fingerprint):
+            raise AlignError(f"--resume: {out} holds another run (" + "; ".join(diff) + "); resume it with its own "
+                             "settings, pass --overwrite to replace it, or use another --out")
+
+
 # ------------------------------------------------------------------------------------------- the run
 @dataclass
 class _Run:
@@ -352,6 +422,7 @@ class _Run:
     scheduler: Any
     unwrapped: AlignModel
     final_projector: Projector  # whole fp32 tensors for the final save (ZeRO-3 partitions the live one)
+    fingerprint: dict[str, Any]  # what makes this run this run: a checkpoint of another is never resumed
 
 
 def train(cfg: AlignConfig) -> AlignResult:
@@ -363,6 +434,7 @@ def train(cfg: AlignConfig) -> AlignResult:
     if run.accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "run_config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        (run.out / RUN_FILE).write_text(json.dumps(run.fingerprint, indent=1, sort_keys=True) + "\n")
         if any(run.skipped.values()):
             print(f"skipping {sum(run.skipped.values())} samples before training: {run.skipped}")
         if step == 0:
@@ -380,6 +452,11 @@ def _prepare(cfg: AlignConfig) -> _Run:
     from transformers import get_cosine_schedule_with_warmup
 
     rank, world, _ = dist_env()
+    if cfg.batch_size < 1 or cfg.micro_batch_size < 1 or cfg.epochs < 1:
+        raise AlignError(f"--batch-size, --micro-batch-size and --epochs must be >= 1; got {cfg.batch_size}, "
+                         f"{cfg.micro_batch_size} and {cfg.epochs}")
+    if cfg.resume and cfg.overwrite:
+        raise AlignError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise AlignError(f"--batch-size {cfg.batch_size} is not a multiple of --micro-batch-size {cfg.micro_batch_size}"
                          f" x {world} processes")
@@ -387,6 +464,8 @@ def _prepare(cfg: AlignConfig) -> _Run:
     if cfg.save_every < 0 or cfg.keep_checkpoints < 1:
         raise AlignError(f"--save-every must be >= 0 (got {cfg.save_every}) and --keep-checkpoints >= 1 "
                          f"(got {cfg.keep_checkpoints})")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise AlignError(f"--out {cfg.out} is a file; give a directory (it is created if missing)")
     accelerator = make_accelerator(cfg, accum, world)
     deepspeed = accelerator.distributed_type.name == "DEEPSPEED"
     torch.manual_seed(cfg.seed)
@@ -394,6 +473,9 @@ def _prepare(cfg: AlignConfig) -> _Run:
 
     records = read_records(cfg.data)
     cache, tower = vision_source(cfg)
+    fingerprint = run_fingerprint(cfg, cache)
+    claim_out(cfg, fingerprint, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every rank has checked --out before anything is written into it
     llm, tokenizer = load_llm(cfg)
     hidden = llm.get_input_embeddings().embedding_dim  # not weight.shape: ZeRO-3 loads partitioned (empty) weights
     width = cache.metadata["channels"] if cache is not None else tower.hidden_size
@@ -424,15 +506,17 @@ def _prepare(cfg: AlignConfig) -> _Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(cfg, accelerator, deepspeed, rank, world, accum, Path(cfg.out), tokenizer, tower, dataset, skipped,
                 total_steps, steps_per_epoch, model, optimizer, scheduler, accelerator.unwrap_model(model),
-                final_projector)
+                final_projector, fingerprint)
 
 
 def _resume(run: _Run) -> int:
-    """The step to start from: the latest checkpoint's with --resume, else 0."""
-    if not run.cfg.resume or (ckpt := latest_checkpoint(run.out)) is None:
+    """The step to start from: the newest loadable checkpoint of this run with --resume, else 0."""
+    if not run.cfg.resume:
         return 0
+    say = print if run.accelerator.is_main_process else (lambda *a, **k: None)
     try:
-        return load_checkpoint(ckpt, run.model, run.unwrapped.projector, run.optimizer, run.scheduler, run.deepspeed)
+        return load_latest(run.out, run.model, run.unwrapped.projector, run.optimizer, run.scheduler, run.deepspeed,
+                           run.fingerprint, say=lambda msg: say(msg, file=sys.stderr))
     except CheckpointMismatch as e:
         raise AlignError(f"--resume: {e}") from e
 
@@ -457,6 +541,10 @@ def _loop(run: _Run, step: int) -> tuple[int, float]:
                             collate_fn=lambda items: collate(items, run.tokenizer.pad_token_id))
         t0, seen, losses = time.perf_counter(), 0, []
         for micro in loader:
+            if micro["unreadable"]:
+                run.skipped["unreadable image"] = run.skipped.get("unreadable image", 0) + len(micro["unreadable"])
+                for key, why in micro["unreadable"].items():
+                    print(f"vision-tower: skipping {key}: {why}", file=sys.stderr)
             vision = micro["vision"].to(accelerator.device)
             if tower is not None:
                 with torch.no_grad():
@@ -465,7 +553,8 @@ def _loop(run: _Run, step: int) -> tuple[int, float]:
             # DeepSpeed's bf16 engine (bf16 parameters, no autocast) gets bf16 features
             vision = vision.to(torch.bfloat16 if cfg.bf16 else torch.float32)
             with accelerator.accumulate(model):
-                loss = model(vision, micro["ids"].to(accelerator.device), micro["mask"].to(accelerator.device))
+                loss = model(vision, micro["ids"].to(accelerator.device), micro["mask"].to(accelerator.device),
+                             micro["keep"].to(accelerator.device))
                 accelerator.backward(loss)
                 # DeepSpeed clips inside its step (config `gradient_clipping`) and reports the norm here
                 grad_norm = accelerator.clip_grad_norm_(run.unwrapped.projector.parameters(), cfg.max_grad_norm) \
@@ -489,11 +578,16 @@ def _loop(run: _Run, step: int) -> tuple[int, float]:
                 bar.update(1)
             if cfg.save_every and step % cfg.save_every == 0 and step < run.total_steps:  # collective
                 save_checkpoint(run.out, step, model, run.unwrapped.projector, run.optimizer, run.scheduler,
-                                run.deepspeed, cfg.keep_checkpoints)
+                                run.deepspeed, cfg.keep_checkpoints, run.fingerprint)
             accelerator.wait_for_everyone()
             fault_point("train_step", step)
             t0, seen, losses = time.perf_counter(), 0, []
     bar.close()
+    if "unreadable image" in run.skipped or run.world > 1:  # every rank's count, in the summary rank 0 prints
+        total = torch.tensor(run.skipped.get("unreadable image", 0), device=accelerator.device)
+        count = int(accelerator.reduce(total, reduction="sum").item())
+        if count:
+            run.skipped["unreadable image"] = count
     return step, loss_value
 
 

@@ -5,6 +5,7 @@ DeepSpeed ZeRO-1/2/3. Only the projector's state is saved; the frozen LLM and to
         projector.safetensors   the whole fp32 projector (keys as in `Projector.state_dict()`)
         optimizer.pt            the whole optimizer state, keyed by parameter name (no DeepSpeed)
         state.pt                step, scheduler and RNG state
+        fingerprint.json        the run it belongs to (data, models, projector, hyper-parameters, seed)
         deepspeed/              DeepSpeed only: the engine's own checkpoint, frozen parameters excluded
 
 Without DeepSpeed, weights and optimizer state are gathered into whole tensors named by parameter
@@ -19,10 +20,12 @@ wrapper, DDP, FSDP2 and DeepSpeed ZeRO-2/3; FSDP1 refuses CPUs, so its path (the
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +33,7 @@ from torch import nn
 from ..distributed import barrier, process_group_rank
 
 PREFIX = "projector."  # the projector's place inside AlignModel
+FINGERPRINT = "fingerprint.json"  # what run a checkpoint belongs to
 
 
 def _options(**kw):
@@ -54,8 +58,9 @@ def projector_state(model: nn.Module, projector: nn.Module, deepspeed: bool) -> 
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, projector: nn.Module, optimizer, scheduler,
-                    deepspeed: bool, keep: int) -> Path:
-    """Write checkpoints/step-NNNNNNN under `out` atomically (complete or absent); keep the newest `keep`."""
+                    deepspeed: bool, keep: int, fingerprint: dict[str, Any] | None = None) -> Path:
+    """Write checkpoints/step-NNNNNNN under `out` atomically (complete or absent), with the run's
+    `fingerprint`; keep the newest `keep` (by step)."""
     final = out / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if process_group_rank() == 0:
@@ -78,52 +83,109 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, projector: nn.Module
             torch.save(optim_state, tmp / "optimizer.pt")
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "python_rng": random.getstate(),
                     "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        if fingerprint is not None:
+            (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+        if final.exists():  # a checkpoint of this step that could not be loaded (the run fell back before it)
+            shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted((out / "checkpoints").glob("step-???????"))[:-keep]:
+        for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
     barrier()
     return final
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints under `out`, oldest step first (by number, not by name)."""
+    found = [p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted((out / "checkpoints").glob("step-???????"))
+    done = checkpoints(out)
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, projector: nn.Module, optimizer, scheduler, deepspeed: bool) -> int:
-    """Restore a checkpoint into the prepared model, optimizer and scheduler; returns its step."""
+def load_latest(out: Path, model: nn.Module, projector: nn.Module, optimizer, scheduler, deepspeed: bool,
+                fingerprint: dict[str, Any] | None = None, say=print) -> int:
+    """Restore the newest checkpoint that loads; one that cannot be read (truncated, corrupt) is passed
+    over for the one before it, saying so. Returns its step (0 without any). A checkpoint of another
+    run or another wrapper is an error, never passed over."""
+    found = checkpoints(out)
+    for ckpt in reversed(found):
+        try:
+            return load_checkpoint(ckpt, model, projector, optimizer, scheduler, deepspeed, fingerprint)
+        except CheckpointUnreadable as e:
+            say(f"vision-tower: cannot load {ckpt} ({e}); falling back to the checkpoint before it")
+    if found:
+        raise CheckpointMismatch(f"none of the {len(found)} checkpoints in {out / 'checkpoints'} can be loaded; "
+                                 "start over with --overwrite")
+    return 0
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, projector: nn.Module, optimizer, scheduler, deepspeed: bool,
+                    fingerprint: dict[str, Any] | None = None) -> int:
+    """Restore a checkpoint into the prepared model, optimizer and scheduler; returns its step.
+
+    Every file is read before anything is restored, so a checkpoint that cannot be read
+    (`CheckpointUnreadable`) leaves the run as it was. One of another run (its fingerprint differs)
+    or written under another wrapper raises `CheckpointMismatch`, naming what differs."""
     ds_dir = ckpt / "deepspeed"
     if deepspeed != ds_dir.is_dir():
         made, now = ("DeepSpeed", "without DeepSpeed") if ds_dir.is_dir() else ("without DeepSpeed", "under DeepSpeed")
         raise CheckpointMismatch(f"{ckpt} was written {made} and this run is {now}; resume it the way it was "
                                  f"launched, or start a new run from its projector.safetensors")
+    if fingerprint is not None and (ckpt / FINGERPRINT).is_file():
+        try:
+            theirs = json.loads((ckpt / FINGERPRINT).read_text())
+        except ValueError as e:
+            raise CheckpointUnreadable(f"{FINGERPRINT}: {e}") from None
+        if diff := fingerprint_diff(theirs, fingerprint):
+            raise CheckpointMismatch(f"{ckpt} belongs to another run: " + "; ".join(diff))
+    try:
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        if not deepspeed:
+            from safetensors.torch import load_file
+
+            weights = load_file(str(ckpt / "projector.safetensors"))
+            optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    except Exception as e:  # truncated, corrupt or missing files: whatever the loaders raise
+        raise CheckpointUnreadable(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}") from e
     if deepspeed:
-        path, _ = model.load_checkpoint(str(ckpt), tag="deepspeed", load_module_strict=False,
-                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        try:
+            path, _ = model.load_checkpoint(str(ckpt), tag="deepspeed", load_module_strict=False,
+                                            load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as e:
+            raise CheckpointUnreadable(f"DeepSpeed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
         if path is None:
             raise CheckpointMismatch(f"DeepSpeed could not load {ds_dir} (written by another number of processes?)")
     else:
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        weights = load_file(str(ckpt / "projector.safetensors"))
         expected = {k for k, _ in projector.named_parameters()}
         if set(weights) != expected:
             raise CheckpointMismatch(f"{ckpt} holds projector tensors {sorted(weights)}, this run's projector has "
                                      f"{sorted(expected)}")
-        optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         # strict=False: the frozen LLM's weights are (by design) not in the checkpoint
         set_state_dict(model, _inner(optimizer), model_state_dict={PREFIX + k: v for k, v in weights.items()},
                        optim_state_dict=optim_state, options=_options(strict=False))
-    state = torch.load(ckpt / "state.pt", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["python_rng"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"]
 
 
+def fingerprint_diff(theirs: dict[str, Any], ours: dict[str, Any]) -> list[str]:
+    """What differs between two runs' fingerprints, as "field: theirs -> ours"."""
+    return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(theirs) | set(ours))
+            if theirs.get(k) != ours.get(k)]
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit this run."""
+
+
+class CheckpointUnreadable(OSError):
+    """A checkpoint whose files cannot be read (truncated, corrupt): an earlier one may do."""
 
 
 def _inner(optimizer):
