@@ -53,3 +53,32 @@ def clip_vision_dir(tmp_path):
 def pixels():
     g = torch.Generator().manual_seed(1)
     return torch.randn(2, 3, 28, 28, generator=g)
+
+
+def with_prefix(sd, prefix="vision_model."):
+    """A transformers vision state dict with its keys under `prefix` (transformers 4 saves them so, 5 not)."""
+    return {k if k.startswith(prefix) else prefix + k: v for k, v in sd.items()}
+
+
+def half_convolutions_on_cpu() -> bool:
+    """torch < 2.2 has no fp16 convolution on the CPU (`slow_conv2d_cpu` not implemented for 'Half')."""
+    try:
+        torch.nn.functional.conv2d(torch.zeros(1, 1, 2, 2, dtype=torch.half), torch.zeros(1, 1, 1, 1, dtype=torch.half))
+        return True
+    except RuntimeError:
+        return False
+
+
+def vlm_image_features(model, pixel_values, **kwargs):
+    """`model.get_image_features(...)` of a transformers VLM as one tensor (B, N, C), on every version:
+    transformers 5 returns an output with `pooler_output` (a tensor or one tensor per image), 4.4x a
+    tensor; LLaVA under 4.37 had no such method, so what its forward computed inline is reproduced."""
+    if hasattr(model, "get_image_features"):
+        out = model.get_image_features(pixel_values=pixel_values, **kwargs)
+        out = getattr(out, "pooler_output", out)
+        return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+    layer = kwargs.get("vision_feature_layer", model.config.vision_feature_layer)
+    strategy = kwargs.get("vision_feature_select_strategy", model.config.vision_feature_select_strategy)
+    feats = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    feats = feats[:, 1:] if strategy == "default" else feats
+    return model.multi_modal_projector(feats)

@@ -185,7 +185,7 @@ def test_5_non_finite_features_are_never_written(model_dir, images, tmp_path):
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
     sd = load_file(str(d / "model.safetensors"))
-    sd["pre_layrnorm.bias"][0] = float("nan")
+    next(v for k, v in sd.items() if k.endswith("pre_layrnorm.bias"))[0] = float("nan")
     save_file(sd, str(d / "model.safetensors"))
     result = extract(ExtractConfig(images=str(images), out=str(tmp_path / "c"), model=str(d), dtype="fp32",
                                    batch_size=4, shard_size=4, num_workers=0, progress=False))

@@ -133,7 +133,7 @@ def test_outputs_load_in_llava_transformers_and_our_format(world, tmp_path):
                                        image_size=56, patch_size=14),
         text_config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                 num_key_value_heads=4, vocab_size=16), image_token_id=15))
-    llava.model.multi_modal_projector.load_state_dict(Projector.from_llava(out / "mm_projector.bin").to_hf_llava(prefix=""))
+    getattr(llava, "model", llava).multi_modal_projector.load_state_dict(Projector.from_llava(out / "mm_projector.bin").to_hf_llava(prefix=""))
     png = Image.open(out / "loss.png")
     assert png.format == "PNG" and png.size == (640, 360)
 

@@ -96,6 +96,9 @@ def test_a_siglip_directory_is_built_as_siglip_not_clip(tmp_path, pixels):
 
 
 def test_a_dinov2_directory_is_refused_by_the_llava_builder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Dinov2WithRegistersModel"):
+        pytest.skip("DINOv2 with registers needs transformers >= 4.48")
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
     Dinov2WithRegistersModel(Dinov2WithRegistersConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vision_tower.projector import Projector, build_projector
+from conftest import vlm_image_features
 from vision_tower import CheckpointError, VisionTower, WeightsUnavailableError
 
 
@@ -186,16 +187,15 @@ def tiny_hf_llava():
 
 def test_export_drops_into_transformers_llava_and_reproduces_its_image_features(tmp_path):
     model = tiny_hf_llava()
-    model.model.vision_tower.save_pretrained(tmp_path / "tower")
+    getattr(model, "model", model).vision_tower.save_pretrained(tmp_path / "tower")
     tower = VisionTower.from_pretrained(tmp_path / "tower", select_layer=-2, select_feature="patch")
     proj = trained("mlp2x_gelu", 32, 48, seed=3)
     sd = proj.to_hf_llava(prefix="")
     assert set(sd) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
-    model.model.multi_modal_projector.load_state_dict(sd, strict=True)
+    getattr(model, "model", model).multi_modal_projector.load_state_dict(sd, strict=True)  # transformers 5 / 4
     pixels = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
-        ref = torch.stack(list(model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
-                                                        vision_feature_select_strategy="default").pooler_output))
+        ref = vlm_image_features(model, pixels, vision_feature_layer=-2, vision_feature_select_strategy="default")
         ours = proj(tower(pixels))
     assert ours.shape == ref.shape == (2, 4, 48)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)

@@ -186,7 +186,7 @@ def _torch_load(f: Path) -> dict[str, Any]:
     other than tensors) means the same thing, "this is not a weights file": a `CheckpointError` naming it."""
     try:
         try:
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)  # str: torch 2.1 wants one
         except RuntimeError as e:
             if "TorchScript" in str(e) or "constants.pkl" in str(e):
                 raise CheckpointError(f"{f} is a TorchScript archive (e.g. OpenAI's CLIP model.pt); load its state "

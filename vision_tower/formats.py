@@ -87,8 +87,12 @@ def hf_arch(config: Mapping[str, Any], image_size: int | None = None) -> ViTConf
     if full is not None:
         vc = full.from_dict(dict(config)).vision_config
     else:
-        cls = {"clip_vision_model": tf.CLIPVisionConfig, "siglip_vision_model": tf.SiglipVisionConfig,
-               "dinov2": tf.Dinov2Config, "dinov2_with_registers": tf.Dinov2WithRegistersConfig}[model_type]
+        name = {"clip_vision_model": "CLIPVisionConfig", "siglip_vision_model": "SiglipVisionConfig",
+                "dinov2": "Dinov2Config", "dinov2_with_registers": "Dinov2WithRegistersConfig"}[model_type]
+        cls = getattr(tf, name, None)  # DINOv2 with registers arrived in transformers 4.48
+        if cls is None:
+            raise CheckpointError(f"a {model_type!r} checkpoint needs transformers with {name} (4.48 or newer); "
+                                  f"this is {tf.__version__}")
         vc = cls.from_dict(dict(config))
     acts = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
     if vc.hidden_act not in acts:

@@ -111,7 +111,7 @@ class Projector(
         if not self.linears:
             return x
         param_dtype = self.linears[0].weight.dtype
-        if x.dtype == param_dtype or torch.is_autocast_enabled(x.device.type):
+        if x.dtype == param_dtype or _autocast_on(x.device.type):
             return super().forward(x)
         if not self.cast_to_input:
             raise TypeError(
@@ -185,6 +185,14 @@ class Projector(
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, in_features={self.in_features}, out_features={self.out_features}, tower={self.tower!r}"
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (torch < 2.4 has one function per device type)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def build_projector(kind_or_config: Any, in_features: int | None = None, out_features: int | None = None,
