@@ -118,15 +118,23 @@ def test_bad_files_are_recorded_and_the_rest_extracted(reference_cache, corpus):
         cache["bad/empty.jpg"]
 
 
-def test_exif_rotated_photo_is_extracted_upright(reference_cache, tiny_model_dir, corpus):
+def test_exif_rotated_photo_is_extracted_upright_with_exif(reference_cache, tiny_model_dir, corpus, tmp_path):
+    """By default a tower reads pixels as stored, as LLaVA and OpenVLA do; `--exif` rotates them upright.
+    The choice is recorded in the metadata, so the two caches cannot be mixed."""
     tower = VisionTower.from_pretrained(tiny_model_dir)
     stored = np.asarray(Image.open(corpus / "odd/exif_rotated.jpg").convert("RGB"))
     with torch.no_grad():
         upright = tower(tower.preprocess(np.ascontiguousarray(np.rot90(stored, k=-1))))[0]
         sideways = tower(tower.preprocess(stored))[0]
-    cache = FeatureCache(reference_cache)
-    torch.testing.assert_close(cache["odd/exif_rotated.jpg"], upright, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(cache["odd/exif_rotated.jpg"], sideways, atol=1e-3)
+    (tmp_path / "list.txt").write_text("odd/exif_rotated.jpg\n")
+    run(tiny_model_dir, corpus, tmp_path / "c", "--list", str(tmp_path / "list.txt"), "--exif")
+    rotated = FeatureCache(tmp_path / "c")
+    torch.testing.assert_close(rotated["odd/exif_rotated.jpg"], upright, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rotated["odd/exif_rotated.jpg"], sideways, atol=1e-3)
+    assert rotated.metadata["preprocess"]["configs"][0]["exif"] is True
+    default = FeatureCache(reference_cache)
+    torch.testing.assert_close(default["odd/exif_rotated.jpg"], sideways, atol=1e-5, rtol=1e-5)
+    assert default.metadata["preprocess"]["configs"][0]["exif"] is False
 
 
 def test_llava_json_list_missing_files_and_escaping_paths(tiny_model_dir, corpus, tmp_path):

@@ -122,3 +122,60 @@ def test_llava_training_data_path_runs_unchanged(clip_vision_dir):
     images = torch.stack([pixel, torch.zeros(3, crop["height"], crop["width"])])
     feats = tower(images)
     torch.testing.assert_close(feats, llava_reference(model, images, -2, "patch"), atol=1e-5, rtol=0)
+
+
+def s2_reference(features, images, scales, split):
+    """LLaVA's CLIPVisionTowerS2 spelt out tile by tile: per scale, bicubic resize, run each split x split
+    tile, place its grid where the tile was, area-resize to the first scale's grid; concatenate scales."""
+    import math
+
+    import torch.nn.functional as F
+
+    out = []
+    for size in scales:
+        x = F.interpolate(images.float(), size=(size, size), mode="bicubic")
+        n = math.ceil(size / split)
+        grid = None
+        for i in range(n):
+            for j in range(n):
+                f = features(x[:, :, i * split:(i + 1) * split, j * split:(j + 1) * split])  # (B, h*w, C)
+                side = math.isqrt(f.shape[1])
+                if grid is None:
+                    grid = torch.zeros(images.shape[0], f.shape[2], n * side, n * side)
+                grid[:, :, i * side:(i + 1) * side, j * side:(j + 1) * side] = f.transpose(1, 2).reshape(
+                    f.shape[0], -1, side, side)
+        out.append(grid)
+    first = out[0].shape[-2:]
+    merged = torch.cat([F.interpolate(g, size=first, mode="area") for g in out], dim=1)
+    return merged.flatten(2).transpose(1, 2)
+
+
+def test_s2_is_llavas_multiscale_tower(clip_vision_dir):
+    path, model = clip_vision_dir
+    tower = build_vision_tower(args(mm_vision_tower=str(path), s2=True, s2_scales="56,28"))
+    assert tower.s2_scales == [28, 56] and tower.hidden_size == 64  # hidden size x number of scales
+    assert tower.image_processor.crop_size == {"height": 56, "width": 56}  # the processor makes the largest scale
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    out = tower(images)
+    ref = s2_reference(lambda x: llava_reference(model, x, -2, "patch"), images, [28, 56], 28)
+    assert out.shape == (2, 4, 64)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    outs = tower([images[0], images[1]])
+    torch.testing.assert_close(torch.cat(outs), out, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="s2=True needs mm_vision_select_feature 'patch'"):
+        build_vision_tower(args(mm_vision_tower=str(path), s2=True, mm_vision_select_feature="cls_patch"))
+
+
+@pytest.mark.parametrize("layout", ["THWC array", "THWC tensor", "TCHW tensor"])
+def test_the_image_processor_takes_a_video_as_one_array(clip_vision_dir, layout):
+    """LLaVA-NeXT-Video calls `processor.preprocess(video, return_tensors="pt")` with decoded frames."""
+    import numpy as np
+
+    path, _ = clip_vision_dir
+    processor = CLIPVisionTower(str(path), args()).image_processor
+    frames = np.random.default_rng(0).integers(0, 255, (5, 40, 60, 3), dtype=np.uint8)
+    video = {"THWC array": frames, "THWC tensor": torch.from_numpy(frames),
+             "TCHW tensor": torch.from_numpy(frames).permute(0, 3, 1, 2)}[layout]
+    out = processor.preprocess(video, return_tensors="pt")["pixel_values"]
+    ref = processor.preprocess(list(frames), return_tensors="pt")["pixel_values"]
+    assert out.shape == (5, 3, 28, 28) and torch.equal(out, ref)

@@ -1,5 +1,7 @@
 """Preprocessing against transformers' CLIP image processors on real photographs."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -104,8 +106,10 @@ def test_image_modes_convert_to_rgb():
     rgba = rgb.convert("RGBA")
     rgba.putpixel((0, 0), (10, 20, 30, 0))
     rgba.putpixel((1, 0), (10, 20, 30, 255))
-    out = load_image(rgba)
+    out = load_image(rgba, alpha="white")  # transformers' convert_to_rgb
     assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (10, 20, 30)
+    out = load_image(rgba)  # the default, LLaVA's and OpenVLA's .convert("RGB"): the colour under alpha 0 stays
+    assert out.getpixel((0, 0)) == (10, 20, 30) and np.array_equal(np.asarray(out), np.asarray(rgba.convert("RGB")))
     # 16-bit grayscale keeps its top byte (a plain convert("RGB") would clip everything to white).
     a16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
     i16 = Image.fromarray(a16)
@@ -120,10 +124,13 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # stored sideways; viewers rotate it 90 degrees clockwise
     path = tmp_path / "sideways.jpg"
     im.save(path, exif=exif, quality=95)
-    loaded = load_image(path)
+    loaded = load_image(path, exif=True)
     assert loaded.size == (im.height, im.width)  # now portrait
     stored = np.asarray(Image.open(path).convert("RGB"))  # the pixels as stored, without the EXIF tag
-    assert torch.equal(preprocess(path, CFG), preprocess(np.rot90(stored, k=-1), CFG))
+    upright = replace(CFG, exif=True)
+    assert torch.equal(preprocess(path, upright), preprocess(np.rot90(stored, k=-1), upright))
+    assert load_image(path).size == im.size  # the default (LLaVA, OpenVLA): the pixels as stored
+    assert torch.equal(preprocess(path, CFG), preprocess(stored, CFG))
 
 
 def test_bad_inputs_name_the_input_and_the_problem(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, ImageLoadError, Interrupted, Terminated, UserError
-from .preprocess import MODES
+from .preprocess import ALPHAS, MODES
 from .registry import DEFAULT_TOWER, REGISTRY
 
 
@@ -79,7 +79,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = ExtractConfig(images=args.images, out=args.out, list=args.list, model=None if args.random_init else args.model,
                         random_init=args.random_init, seed=args.seed, layer=_layer(args), feature=args.feature,
-                        dtype=args.dtype, preprocess=args.preprocess, batch_size=args.batch_size,
+                        dtype=args.dtype, preprocess=args.preprocess, alpha=args.alpha, exif=args.exif,
+                        batch_size=args.batch_size,
                         num_workers=args.num_workers, pool=args.pool, device=args.device, shard_size=args.shard_size,
                         progress=not args.quiet, compile=args.compile, attn_implementation=args.attn_implementation)
     result = extract(cfg)
@@ -179,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cls_patch where the tower has a CLS token (keep the superset), else patch")
     e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     e.add_argument("--preprocess", choices=MODES, default=None, help="default: the checkpoint's own")
+    e.add_argument("--alpha", choices=ALPHAS, default=None,
+                   help="transparency: drop it as .convert('RGB') does (LLaVA, OpenVLA) or composite onto white "
+                        "(transformers); default: the tower's own")
+    e.add_argument("--exif", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply EXIF orientation (rotate photos upright); default: the tower's own (LLaVA, OpenVLA: no)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     e.add_argument("--pool", choices=POOLS, default="none", help="spatial pooling of the patch grid")

@@ -54,6 +54,8 @@ class ExtractConfig:
     feature: str | None = None  # default: cls_patch where the tower has a CLS token, else patch
     dtype: str = "bf16"
     preprocess: Mode | None = None  # default: the tower's own
+    alpha: str | None = None  # "drop" / "white"; default: the tower's own (LLaVA / OpenVLA: drop)
+    exif: bool | None = None  # apply EXIF orientation; default: the tower's own (LLaVA / OpenVLA: no)
     batch_size: int = 32
     num_workers: int = 4
     pool: str = "none"
@@ -138,7 +140,7 @@ def _pool_fn(pool: str, num_prefix_tokens: int) -> Callable[[torch.Tensor], torc
 
 def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], tokens: int, channels: int) -> dict[str, Any]:
     """This run's cache metadata: what `cache_metadata` records, filled in from the config and the tower."""
-    configs = tower.transform().configs  # one per part of a fused tower
+    configs = tower.transform(alpha=cfg.alpha, exif=cfg.exif).configs  # one per part of a fused tower
     return cache_metadata(
         model=cfg.model if not cfg.random_init else None, random_init=cfg.random_init,
         seed=cfg.seed if cfg.random_init else None, revision=tower.revision, weights_sha256=state_dict_sha256(tower),
@@ -201,7 +203,7 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
                             attn_implementation=cfg.attn_implementation)
     if cfg.compile:
         tower.compile()
-    prep = tower.transform(cfg.preprocess)
+    prep = tower.transform(cfg.preprocess, alpha=cfg.alpha, exif=cfg.exif)
     pool = _pool_fn(cfg.pool, 0 if tower.select_feature == "patch" else 1)
     with torch.inference_mode():  # one dummy image: the shape each row will have
         probe = tower(torch.zeros(1, 3 * len(prep.configs), tower.image_size, tower.image_size, device=tower.device))

@@ -97,15 +97,35 @@ def load_weights(
                          dtype)
 
 
-def _from_hf(ckpt: ck.Checkpoint, spec: TowerSpec | None, image_size: int | None, dtype: torch.dtype) -> TowerWeights:
+def _from_hf(ckpt: ck.Checkpoint, spec: TowerSpec | None, image_size: int | None, dtype: torch.dtype,
+             raw: dict[str, torch.Tensor] | None = None) -> TowerWeights:
     family = fm.hf_family(ckpt.config, ckpt.source)
     spec = spec or spec_for_hub_id(ckpt.source)
     arch = fm.hf_arch(ckpt.config, image_size or (spec.image_size if spec else None))
     fallback = spec.preprocess if spec and spec.image_size == arch.image_size else family_preprocess(family, arch.image_size)
     pre = ck.preprocess_from_checkpoint(ckpt, arch, fallback)
-    raw = ck.read_tensors(ckpt.weight_files, fm.is_hf_vision_key, dtype=dtype)
+    if raw is None:
+        raw = ck.read_tensors(ckpt.weight_files, fm.is_hf_vision_key, dtype=dtype)
     return TowerWeights(arch, pre, family, spec.name if spec else ckpt.source, ckpt.source,
                         fm.convert_hf(raw, arch, family))
+
+
+def load_hf_vision(name_or_path: str | os.PathLike, *, dtype: torch.dtype, revision: str | None = None
+                   ) -> tuple[TowerWeights, dict[str, torch.Tensor]]:
+    """A transformers CLIP / SigLIP checkpoint (what LLaVA's `mm_vision_tower` names): its tower, and its
+    vision tensors as transformers names them, `vision_model.` prefix included (the LLaVA drop-in keeps
+    those). Other formats are refused: LLaVA's builder loads transformers checkpoints only."""
+    name_or_path = os.fspath(name_or_path)
+    spec = REGISTRY.get(name_or_path) if not os.path.exists(name_or_path) else None
+    if isinstance(spec, TowerSpec):
+        name_or_path = spec.hub_id
+    ckpt = ck.locate(name_or_path, revision)
+    if ckpt.config.get("model_type") not in ("clip", "clip_vision_model", "siglip", "siglip_vision_model"):
+        raise CheckpointError(f"{name_or_path} is not a transformers CLIP or SigLIP checkpoint (model_type "
+                              f"{ckpt.config.get('model_type')!r}); LLaVA's vision tower loads only those")
+    raw = ck.read_tensors(ckpt.weight_files, fm.is_hf_vision_key, dtype=dtype)
+    raw = {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in raw.items()}
+    return _from_hf(ckpt, spec if isinstance(spec, TowerSpec) else None, None, dtype, raw), raw
 
 
 def _from_foreign(ckpt: ck.Checkpoint, fmt: str, prefix: str, spec: TowerSpec | None, quick_gelu: bool | None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Literal, Sequence, Union
 
 import numpy as np
@@ -34,6 +34,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Mode = Literal["crop", "pad", "squash", "letterbox"]
 MODES: tuple[str, ...] = ("crop", "pad", "squash", "letterbox")
+Alpha = Literal["drop", "white"]
+ALPHAS: tuple[str, ...] = ("drop", "white")
 ImageInput = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
 _SINGLE_INPUTS = (Image.Image, str, os.PathLike, np.ndarray, torch.Tensor)
 
@@ -61,6 +63,11 @@ class PreprocessConfig:
     resize_size: int | None = None  # shortest edge before the crop; None = image_size
     interpolation: str = "bicubic"
     default_mode: Mode = "crop"
+    # How an image becomes RGB, as the pipeline the checkpoint claims parity with does it. LLaVA, LLaVA-NeXT
+    # and OpenVLA open images with `.convert("RGB")`: transparency dropped (the colour under it kept), EXIF
+    # orientation ignored. transformers' processors composite transparency onto white ("white").
+    alpha: Alpha = "drop"
+    exif: bool = False  # apply the EXIF orientation tag (rotate the photo upright)
 
     def __post_init__(self) -> None:
         if self.interpolation not in _RESAMPLE:
@@ -75,6 +82,8 @@ class PreprocessConfig:
             v = getattr(self, name)
             if len(v) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
                 raise ConfigError(f"preprocessing {name} {v!r} is not three finite numbers")
+        if self.alpha not in ALPHAS:
+            raise ConfigError(f"alpha {self.alpha!r} is not one of {ALPHAS}")
         if min(self.std) <= 0:
             raise ConfigError(f"preprocessing std {self.std!r} must be positive (0 would turn every pixel into inf/NaN)")
 
@@ -111,12 +120,14 @@ class PreprocessConfig:
         )
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """Any supported input -> an RGB PIL image, EXIF orientation applied.
+def load_image(image: ImageInput, alpha: Alpha = "drop", exif: bool = False) -> Image.Image:
+    """Any supported input -> an RGB PIL image.
 
     Accepts a path, a PIL image of any mode, or a uint8 array / tensor (HW, HWC with C in
-    {1, 3, 4}, or a CHW tensor). Transparency is composited onto white (as transformers does);
-    16-bit images are scaled to 8 bits. Raises `ImageLoadError` naming the input.
+    {1, 3, 4}, or a CHW tensor). `alpha="drop"` converts as `.convert("RGB")` does (LLaVA, OpenVLA:
+    the colour under transparent pixels is kept), `"white"` composites onto white (transformers'
+    processors); `exif=True` applies the EXIF orientation. 16-bit images are scaled to 8 bits.
+    Raises `ImageLoadError` naming the input.
     """
     if isinstance(image, (str, os.PathLike)):
         try:
@@ -127,13 +138,13 @@ def load_image(image: ImageInput) -> Image.Image:
                         raise ImageLoadError(f"image {os.fspath(image)!r} is {im.width}x{im.height}, over the "
                                              f"{MAX_PIXELS}-pixel limit (decompression-bomb guard); not decoded")
                     im.load()  # decode now, so truncated files fail here with their name
-                    return _to_rgb(ImageOps.exif_transpose(im))
+                    return _to_rgb(ImageOps.exif_transpose(im) if exif else im, alpha)
         except ImageLoadError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             raise ImageLoadError(f"cannot read image {os.fspath(image)!r}: {e}") from e
     if isinstance(image, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return _to_rgb(ImageOps.exif_transpose(image) if exif else image, alpha)
     if isinstance(image, torch.Tensor):
         t = image.detach().cpu()
         if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
@@ -146,11 +157,11 @@ def load_image(image: ImageInput) -> Image.Image:
             image = image[..., 0]
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
             raise ImageLoadError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {image.shape}")
-        return _to_rgb(Image.fromarray(np.ascontiguousarray(image)))
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(image)), alpha)
     raise ImageLoadError(f"unsupported image input of type {type(image).__name__}; expected a path, PIL image or uint8 array")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, alpha: Alpha) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode.startswith("I") or im.mode == "F":
@@ -158,7 +169,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         a = np.asarray(im)
         a = (a.astype(np.float32).clip(0, 255) if im.mode == "F" else a.astype(np.int64).clip(0, 65535) >> 8)
         return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
+    if alpha == "white" and ("A" in im.getbands() or im.info.get("transparency") is not None):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -250,12 +261,27 @@ def _center_crop(img: Image.Image, top: int, left: int, size: int) -> Image.Imag
     return img.crop((left, top, left + size, top + size))
 
 
+def as_frames(images: Any) -> list:
+    """Inputs as a list of single images: a sequence stays one, a video given as one (T, H, W, C) or
+    (T, C, H, W) array or tensor (as LLaVA-NeXT hands decoded frames over) becomes its frames."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def with_loading(cfg: PreprocessConfig, alpha: Alpha | None = None, exif: bool | None = None) -> PreprocessConfig:
+    """`cfg` with its alpha / EXIF handling overridden where given."""
+    changes = {k: v for k, v in (("alpha", alpha), ("exif", exif)) if v is not None}
+    return replace(cfg, **changes) if changes else cfg
+
+
 def preprocess(images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig, mode: Mode | None = None) -> torch.Tensor:
-    """One image or a sequence of them -> (B, 3, S, S) float32."""
+    """One image, a sequence of them or a video array (T, H, W, C) -> (B, 3, S, S) float32."""
     if mode is not None and mode not in MODES:
         raise ConfigError(f"preprocess mode {mode!r} is not one of {MODES}")
-    if not isinstance(images, (list, tuple)):
-        images = [images]
+    images = as_frames(images)
     if len(images) == 0:
         raise ConfigError("preprocess got an empty list of images")
     return torch.stack([pixels_of(im, [cfg], mode) for im in images])
@@ -263,7 +289,7 @@ def preprocess(images: ImageInput | Sequence[ImageInput], cfg: PreprocessConfig,
 
 def pixels_of(image: ImageInput, configs: Sequence[PreprocessConfig], mode: Mode | None = None) -> torch.Tensor:
     """One image, decoded once, through each config: (3 * len(configs), S, S). Errors name the input."""
-    img = load_image(image)
+    img = load_image(image, configs[0].alpha, configs[0].exif)
     try:
         return torch.cat([transform(img, c, mode) for c in configs], dim=0)
     except ImageLoadError as e:
@@ -306,8 +332,8 @@ class ImageProcessor:
     def preprocess(self, images: ImageInput | Iterable[ImageInput], return_tensors: str | None = "pt", **kwargs: Any):
         from transformers import BatchFeature
 
-        if not isinstance(images, _SINGLE_INPUTS):
-            images = list(images)
+        if not isinstance(images, _SINGLE_INPUTS) or getattr(images, "ndim", 0) == 4:  # a video: its frames
+            images = as_frames(images) if getattr(images, "ndim", 0) == 4 else list(images)
         pixels = preprocess(images, self.current_config(), kwargs.get("mode", self.mode))
         if return_tensors in (None, "np"):
             data = list(pixels.numpy()) if return_tensors is None else pixels.numpy()
@@ -323,7 +349,7 @@ class ImageProcessor:
         return PreprocessConfig(
             image_size=int(self.crop_size["height"]), resize_size=int(self.size["shortest_edge"]),
             mean=tuple(self.image_mean), std=tuple(self.image_std), interpolation=_RESAMPLE_NAMES[self.resample],
-            default_mode=self.config.default_mode,
+            default_mode=self.config.default_mode, alpha=self.config.alpha, exif=self.config.exif,
         )
 
     def __repr__(self) -> str:

@@ -17,7 +17,9 @@ from torch import nn
 from .checkpoints import load_into
 from .errors import ConfigError
 from .loading import FusedWeights, TowerWeights, as_spec, load_weights, part_spec
-from .preprocess import ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, preprocess
+from .preprocess import (
+    Alpha, ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, preprocess, with_loading,
+)
 from .registry import DEFAULT_TOWER, FusedSpec, TowerSpec
 from .vit import PatchGeometry, ViTConfig, VisionTransformer, check_attn_implementation
 
@@ -225,13 +227,16 @@ class VisionTower(nn.Module, PatchGeometry):
         self.vit.gradient_checkpointing = enable
 
     # ------------------------------------------------------------------ forward
-    def preprocess(self, images: ImageInput | Sequence[ImageInput], mode: Mode | None = None) -> torch.Tensor:
-        """The checkpoint's own preprocessing: images -> (B, 3, S, S) float32 on the CPU."""
-        return preprocess(images, self.preprocess_config, mode)
+    def preprocess(self, images: ImageInput | Sequence[ImageInput], mode: Mode | None = None, *,
+                   alpha: Alpha | None = None, exif: bool | None = None) -> torch.Tensor:
+        """The checkpoint's own preprocessing: images (or a video's frames) -> (B, 3, S, S) float32 on
+        the CPU. `alpha` / `exif` override how images become RGB (`PreprocessConfig`)."""
+        return preprocess(images, with_loading(self.preprocess_config, alpha, exif), mode)
 
-    def transform(self, mode: Mode | None = None) -> ImageTransform:
+    def transform(self, mode: Mode | None = None, *, alpha: Alpha | None = None,
+                  exif: bool | None = None) -> ImageTransform:
         """The same preprocessing for one image at a time, picklable for DataLoader workers: -> (3, S, S)."""
-        return ImageTransform([self.preprocess_config], mode)
+        return ImageTransform([with_loading(self.preprocess_config, alpha, exif)], mode)
 
     def forward(self, pixel_values: torch.Tensor, layers: LayerSelection | None = None,
                 feature: Feature | None = None) -> torch.Tensor:
@@ -376,13 +381,15 @@ class FusedVisionTower(VisionTower):
     def layer_indices(self) -> list[int]:
         return self._first().layer_indices
 
-    def preprocess(self, images: ImageInput | Sequence[ImageInput], mode: Mode | None = None) -> torch.Tensor:
+    def preprocess(self, images: ImageInput | Sequence[ImageInput], mode: Mode | None = None, *,
+                   alpha: Alpha | None = None, exif: bool | None = None) -> torch.Tensor:
         """Each part's own preprocessing, stacked on channels as OpenVLA does: (B, 3 * parts, S, S)."""
-        return torch.cat([t.preprocess(images, mode) for t in self.towers.values()], dim=1)
+        return torch.cat([t.preprocess(images, mode, alpha=alpha, exif=exif) for t in self.towers.values()], dim=1)
 
-    def transform(self, mode: Mode | None = None) -> ImageTransform:
+    def transform(self, mode: Mode | None = None, *, alpha: Alpha | None = None,
+                  exif: bool | None = None) -> ImageTransform:
         """Each part's preprocessing for one image, stacked on channels: -> (3 * parts, S, S)."""
-        return ImageTransform([t.preprocess_config for t in self.towers.values()], mode)
+        return ImageTransform([with_loading(t.preprocess_config, alpha, exif) for t in self.towers.values()], mode)
 
     def forward(self, pixel_values: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                 layers: LayerSelection | None = None, feature: Feature | None = None) -> torch.Tensor:
