@@ -157,9 +157,18 @@ def test_pooling_keeps_cls_apart_and_works_after_the_projector():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_pooling_errors():
-    with pytest.raises(ValueError, match="do not form a 7x7 grid; pass grid"):
-        pool_tokens(torch.randn(1, 50, 4), 2)  # forgot the CLS token
+def test_pooling_keeps_the_cls_it_finds_and_names_the_fix_when_it_cannot_tell():
+    x = torch.randn(2, 1 + 7 * 7, 4)  # CLIP-like: CLS + a 7x7 grid
+    pooled = pool_tokens(x, 2)
+    assert pooled.shape == (2, 1 + 3 * 3, 4) and torch.equal(pooled[:, 0], x[:, 0])  # the CLS kept, not pooled
+    torch.testing.assert_close(pooled, pool_tokens(x, 2, num_prefix_tokens=1), rtol=0, atol=0)
+    assert pool_tokens(torch.randn(1, 49, 4), 2).shape == (1, 9, 4)  # a bare grid (SigLIP-like)
+    with pytest.raises(ValueError, match=r"after 0 prefix tokens do not form a 7x7 grid; pass the number of tokens "
+                                         r"before the grid as num_prefix_tokens= \(1 for CLIP's CLS\)"):
+        pool_tokens(x, 2, num_prefix_tokens=0)
+    with pytest.raises(ValueError, match=r"51 tokens are neither a square grid nor CLS \+ a square grid; pass "
+                                         r"num_prefix_tokens="):
+        pool_tokens(torch.randn(1, 51, 4), 2)
     assert pool_tokens(torch.randn(1, 6 * 4, 4), 2, grid=(6, 4)).shape == (1, 6, 4)
     with pytest.raises(ValueError, match="pool mode 'mean'"):
         TokenPool(2, "mean")

@@ -250,3 +250,50 @@ def test_openvla_names_and_sharded_checkpoint(tmp_path, kind):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         **{k: "model-00001-of-00002.safetensors" for k in other}, **{k: "model-00002-of-00002.safetensors" for k in sd}}}))
     assert_same(p, Projector.from_prismatic(tmp_path))
+
+
+def test_an_identity_projector_round_trips_through_llavas_empty_file(tmp_path):
+    """LLaVA's stage 1 with mm_projector_type identity saves an empty mm_projector.bin."""
+    p = trained("identity", 12, 12, tower="clip-vit-large-patch14-336", select_layer=-2, select_feature="patch")
+    path = p.export_llava(tmp_path)
+    assert torch.load(path, weights_only=True) == {}
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["mm_projector_type"] == "identity" and cfg["mm_hidden_size"] == cfg["hidden_size"] == 12
+    assert cfg["mm_vision_tower"] == "openai/clip-vit-large-patch14-336"  # the Hub id LLaVA's builder takes
+    q = Projector.from_llava(path)
+    assert (q.kind, q.in_features, q.out_features, q.select_layer) == ("identity", 12, 12, -2)
+    x = torch.randn(3, 12)
+    assert torch.equal(q(x), x)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="an empty mm_projector.bin is LLaVA's identity projector, which "
+                                              "needs its config.json"):
+        Projector.from_llava(path)
+
+
+def test_linear_uses_llavas_bare_linear_names_everywhere(tmp_path):
+    """LLaVA's build_vision_projector returns nn.Linear for `linear`: `weight` and `bias`, no `0.`."""
+    from test_projector import llava_build_vision_projector
+
+    cfg = type("C", (), {"mm_projector_type": "linear", "mm_hidden_size": 12, "hidden_size": 20})
+    ours = build_projector(cfg)
+    theirs = llava_build_vision_projector(cfg)
+    assert set(ours.state_dict()) == set(theirs.state_dict()) == {"weight", "bias"}
+    ours.load_state_dict(theirs.state_dict())  # as LLaVA's from_pretrained / get_w loaders do, by name
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    theirs.load_state_dict(ours.state_dict())
+    old = {f"0.{k}": v for k, v in theirs.state_dict().items()}  # what a linear projector saved before
+    ours.load_state_dict(old)
+    assert torch.equal(ours.weight, theirs.weight)
+    p = trained("linear")
+    assert set(p.to_prismatic()) == {"projector.0.weight", "projector.0.bias"}  # Prismatic's names are its own
+    assert_same(p, Projector.from_prismatic(p.to_prismatic()))
+
+
+def test_export_writes_the_towers_hub_id_not_the_registry_name(tmp_path):
+    p = trained(tower="siglip-so400m-patch14-384", select_layer=-2, select_feature="patch")
+    p.export_llava(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["mm_vision_tower"] == "google/siglip-so400m-patch14-384"
+    p.tower = "/data/my-clip"  # a path (or a Hub id) is written as it is
+    p.export_llava(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["mm_vision_tower"] == "/data/my-clip"

@@ -184,6 +184,10 @@ def test_hub_id_resolves_from_the_local_cache(clip_vision_dir, pixels, tmp_path_
         '{"crop_size": {"height": 28, "width": 28}, "size": {"shortest_edge": 28}, "image_mean": [0.5, 0.5, 0.5], '
         '"image_std": [0.5, 0.5, 0.5], "resample": 3}')
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    import huggingface_hub.file_download as fd
+
+    if hasattr(fd, "HF_HUB_CACHE"):  # huggingface_hub < 0.25 binds it at import
+        monkeypatch.setattr(fd, "HF_HUB_CACHE", str(cache))
     tower = VisionTower.from_pretrained("acme/tiny-clip", select_layer=-1)
     assert tower.name == "acme/tiny-clip" and tower.source == "acme/tiny-clip"
     assert tower.preprocess_config.mean == (0.5, 0.5, 0.5)  # the checkpoint's own, not CLIP's

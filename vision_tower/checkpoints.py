@@ -101,7 +101,7 @@ def _hub_fetch(repo_id: str, filename: str, revision: str | None) -> Path | None
     """A file of a Hub repo from the cache or the network; None when the repo has no such file
     or it can be had from neither (offline). Other failures raise with the repo's name."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
+    from huggingface_hub.utils import (  # (huggingface_hub.errors holds them only from 0.25 on)
         EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 

@@ -139,14 +139,19 @@ _HF_UNUSED = ("post_layernorm.", "head.", "layernorm.", "embeddings.position_ids
 
 def convert_hf(sd: Mapping[str, torch.Tensor], arch: ViTConfig, family: str) -> Tensors:
     """transformers CLIP / SigLIP / DINOv2 vision weights -> ours (q, k, v fused; DINOv2's class
-    position folded into its class token, as timm does)."""
+    position folded into its class token, as timm does; the final norm only with `arch.final_norm`)."""
     src: Tensors = {}
     for k, v in sd.items():
         for p in _HF_PREFIXES:
             k = k.removeprefix(p)
         src[k] = v
-    used: set[str] = {k for k in src if k.startswith(_HF_UNUSED)}
     out: Tensors = {}
+    if arch.final_norm:  # CLIP / SigLIP `post_layernorm`, DINOv2 `layernorm`: held only when the tower asks
+        for t in ("weight", "bias"):
+            for name in (f"post_layernorm.{t}", f"layernorm.{t}"):
+                if name in src:
+                    out[f"norm.{t}"] = src.pop(name)
+    used: set[str] = {k for k in src if k.startswith(_HF_UNUSED)}
 
     def take(name: str) -> torch.Tensor | None:
         if name in src:

@@ -99,6 +99,7 @@ class LlavaLayoutTower(VisionTower):
                 del module._parameters[name]
         object.__setattr__(self, "vit", skeleton)  # not a submodule: no second copy in state_dict / .to()
         self.family, self.name, self.source, self.revision = weights.family, weights.name, weights.source, None
+        self.post_norm = False
         self.preprocess_config = weights.preprocess
         from .preprocess import ImageProcessor
 

@@ -67,8 +67,10 @@ def load_weights(
     quick_gelu: bool | None = None,
     image_size: int | None = None,
     revision: str | None = None,
+    final_norm: bool | None = None,
 ) -> TowerWeights | FusedWeights:
-    """Locate and read a checkpoint (see `VisionTower.from_pretrained` for what it accepts)."""
+    """Locate and read a checkpoint (see `VisionTower.from_pretrained` for what it accepts).
+    `final_norm` also reads the final LayerNorm (None: where the checkpoint's model applies it)."""
     name_or_path = os.fspath(name_or_path)
     if format is not None and format not in fm.FORMATS:
         raise ConfigError(f"format {format!r} is not one of {fm.FORMATS}")
@@ -81,8 +83,10 @@ def load_weights(
             return _fused_from_hub(spec, dtype, revision)
         name_or_path = spec.hub_id
     ckpt = ck.locate(name_or_path, revision)
+    if format in (None, "hf") and (ckpt.config.get("model_type") in VLM_TYPES or "mm_vision_tower" in ckpt.config):
+        return _from_vlm(ckpt, image_size, dtype, final_norm, revision)
     if format in (None, "hf") and ckpt.config.get("model_type") in fm.HF_MODEL_TYPES:
-        return _from_hf(ckpt, spec if isinstance(spec, TowerSpec) else None, image_size, dtype)
+        return _from_hf(ckpt, spec if isinstance(spec, TowerSpec) else None, image_size, dtype, final_norm=final_norm)
     keys = ck.list_keys(ckpt.weight_files)
     if format is None and ckpt.config.get("model_type") and not fm.looks_foreign(keys):
         fm.hf_family(ckpt.config, name_or_path)  # an unsupported transformers model: say which types we take
@@ -98,16 +102,115 @@ def load_weights(
 
 
 def _from_hf(ckpt: ck.Checkpoint, spec: TowerSpec | None, image_size: int | None, dtype: torch.dtype,
-             raw: dict[str, torch.Tensor] | None = None) -> TowerWeights:
+             raw: dict[str, torch.Tensor] | None = None, final_norm: bool | None = None) -> TowerWeights:
     family = fm.hf_family(ckpt.config, ckpt.source)
     spec = spec or spec_for_hub_id(ckpt.source)
     arch = fm.hf_arch(ckpt.config, image_size or (spec.image_size if spec else None))
+    arch = replace(arch, final_norm=bool(final_norm))
     fallback = spec.preprocess if spec and spec.image_size == arch.image_size else family_preprocess(family, arch.image_size)
     pre = ck.preprocess_from_checkpoint(ckpt, arch, fallback)
     if raw is None:
         raw = ck.read_tensors(ckpt.weight_files, fm.is_hf_vision_key, dtype=dtype)
     return TowerWeights(arch, pre, family, spec.name if spec else ckpt.source, ckpt.source,
                         fm.convert_hf(raw, arch, family))
+
+
+# ------------------------------------------------------------------------------------ towers inside VLMs
+# transformers' VLM classes whose vision tower is a CLIP / SigLIP `vision_tower` (config `vision_config`)
+VLM_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "paligemma")
+_STRATEGIES = {"default": "drop the first token", "full": "keep all tokens"}
+
+
+def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, final_norm: bool | None,
+              revision: str | None) -> TowerWeights:
+    """The vision tower of a full VLM checkpoint, with the layer, feature and preprocessing its model
+    uses as defaults: transformers' LLaVA family and PaliGemma (`vision_config`), or an original
+    LLaVA / LLaVA-NeXT checkpoint (`mm_vision_tower`; the tower's weights are in the checkpoint when
+    it was trained unfrozen, else they come from `mm_vision_tower`)."""
+    cfg = ckpt.config
+    keys = ck.list_keys(ckpt.weight_files)
+    prefixes = {k[: k.rfind("vision_tower.") + len("vision_tower.")] for k in keys if "vision_tower." in k}
+    prefix = max(prefixes, key=len) if prefixes else None
+    if "mm_vision_tower" in cfg:
+        return _from_llava_checkpoint(ckpt, prefix, dtype, revision)
+    vc = cfg.get("vision_config")
+    if not isinstance(vc, dict) or prefix is None:
+        raise CheckpointError(f"{ckpt.source} is a {cfg.get('model_type')!r} checkpoint without "
+                              + ("a vision_config" if not isinstance(vc, dict) else "vision_tower weights"))
+    family = fm.hf_family(vc, ckpt.source)
+    paligemma = cfg.get("model_type") == "paligemma"  # its image features are SigLIP's last_hidden_state (post-norm)
+    post_norm = paligemma if final_norm is None else final_norm
+    arch = replace(fm.hf_arch(vc, image_size), final_norm=post_norm)
+    raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(prefix), dtype=dtype)
+    weights = fm.convert_hf({k[len(prefix):]: v for k, v in raw.items()}, arch, family)
+    defaults: dict[str, Any] = {"post_norm": post_norm}
+    if paligemma:
+        defaults["select_layer"] = -1
+    else:
+        layer = cfg.get("vision_feature_layer", -2)
+        defaults["select_layer"] = list(layer) if isinstance(layer, list) else layer
+        strategy = cfg.get("vision_feature_select_strategy", "default")
+        if strategy not in _STRATEGIES:
+            raise CheckpointError(f"{ckpt.source}: vision_feature_select_strategy {strategy!r} is not one of "
+                                  f"{sorted(_STRATEGIES)}")
+        if family == "siglip" and strategy == "default":  # refused unless the caller chooses the feature
+            defaults["refuse_default_feature"] = (
+                f"{ckpt.source} selects its features with strategy 'default', which drops the first token: a SigLIP "
+                "tower has no CLS, so the model drops a real patch. Load with select_feature='patch' to keep every "
+                "token (what 'full' gives)")
+        defaults["select_feature"] = "patch" if strategy == "default" or family == "siglip" else "cls_patch"
+    # transformers' processors composite transparency onto white; no EXIF rotation of PIL inputs
+    pre = _checkpoint_preprocess(ckpt.preprocessor_config, arch, family, alpha="white")
+    return TowerWeights(arch, pre, family, ckpt.source, ckpt.source, weights, defaults)
+
+
+def _from_llava_checkpoint(ckpt: ck.Checkpoint, prefix: str | None, dtype: torch.dtype,
+                           revision: str | None) -> TowerWeights:
+    cfg = ckpt.config
+    tower = cfg["mm_vision_tower"]
+    spec = spec_for_hub_id(tower) or (REGISTRY.get(tower) if isinstance(REGISTRY.get(tower), TowerSpec) else None)
+    if prefix is None:  # trained frozen: the tower is mm_vision_tower's own weights
+        loaded = load_weights(tower, dtype=dtype, revision=revision)
+        if not isinstance(loaded, TowerWeights):
+            raise CheckpointError(f"{ckpt.source}: mm_vision_tower {tower!r} is not a single tower")
+        arch, family, weights, pre = loaded.arch, loaded.family, loaded.weights, loaded.preprocess
+        truncated = False
+    else:  # trained unfrozen: the fine-tuned tower is in the checkpoint, mm_vision_tower gives its architecture
+        if spec is not None:
+            family, arch, pre = spec.family, spec.arch, spec.preprocess
+        else:
+            tower_cfg = ck.fetch_config(tower, revision)
+            family, arch = fm.hf_family(tower_cfg, tower), fm.hf_arch(tower_cfg)
+            found = ck.fetch_file(tower, "preprocessor_config.json", revision)
+            pre = _checkpoint_preprocess(ck.read_json(found) if found else None, arch, family, alpha="drop")
+        depth = 1 + max(int(k[len(prefix):].split("layers.")[1].split(".")[0]) for k in ck.list_keys(ckpt.weight_files)
+                        if k.startswith(prefix) and "layers." in k)
+        truncated = depth < arch.depth  # LLaVA-NeXT's SigLIP tower drops its last block
+        arch = replace(arch, depth=depth)
+        raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(prefix), dtype=dtype)
+        weights = fm.convert_hf({k[len(prefix):]: v for k, v in raw.items()}, arch, family)
+    if family == "siglip":  # LLaVA-NeXT: the last hidden state of the tower without its last block
+        defaults: dict[str, Any] = {"select_layer": -1 if truncated else -2, "select_feature": "patch"}
+    else:
+        defaults = {"select_layer": cfg.get("mm_vision_select_layer", -2),
+                    "select_feature": cfg.get("mm_vision_select_feature", "patch")}
+    mode = "pad" if cfg.get("image_aspect_ratio") == "pad" else pre.default_mode
+    pre = replace(pre, default_mode=mode, alpha="drop", exif=False)  # LLaVA: Image.open(...).convert("RGB")
+    return TowerWeights(arch, pre, family, spec.name if spec else tower, ckpt.source, weights, defaults)
+
+
+def _checkpoint_preprocess(processor: dict[str, Any] | None, arch: ViTConfig, family: str, alpha: str) -> PreprocessConfig:
+    """The preprocessing a processor config states (when it is at the tower's size), else the family's."""
+    fallback = family_preprocess(family, arch.image_size)
+    pre = fallback
+    if processor:
+        try:
+            stated = PreprocessConfig.from_hf(processor, default_mode=fallback.default_mode)
+        except ConfigError:
+            stated = None
+        if stated is not None and stated.image_size == arch.image_size:
+            pre = stated
+    return replace(pre, alpha=alpha, exif=False)
 
 
 def load_hf_vision(name_or_path: str | os.PathLike, *, dtype: torch.dtype, revision: str | None = None

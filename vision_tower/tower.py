@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoints import load_into
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .loading import FusedWeights, TowerWeights, as_spec, load_weights, part_spec
 from .preprocess import (
     Alpha, ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, preprocess, with_loading,
@@ -75,9 +75,11 @@ class VisionTower(nn.Module, PatchGeometry):
         attn_implementation: str | None = None,
         source: str | None = None,
         revision: str | None = None,
+        post_norm: bool = False,
     ) -> None:
         super().__init__()
         self.vit = VisionTransformer(arch, attn_implementation or "sdpa")
+        self.post_norm = post_norm  # validated below
         self.family = family
         self.name = name
         self.source = source  # where the weights came from; None for random init
@@ -86,6 +88,8 @@ class VisionTower(nn.Module, PatchGeometry):
         self.image_processor = ImageProcessor(preprocess_config)
         self.select_layer = select_layer  # validated by the setters below
         self.select_feature = select_feature or _default_feature(arch)
+        if post_norm and self.vit.norm is None:
+            raise ConfigError("post_norm needs the final norm: build the tower with ViTConfig(final_norm=True)")
         self.freeze()
 
     # ------------------------------------------------------------------ construction
@@ -134,6 +138,7 @@ class VisionTower(nn.Module, PatchGeometry):
         format: str | None = None,
         quick_gelu: bool | None = None,
         image_size: int | None = None,
+        post_norm: bool | None = None,
     ) -> "VisionTower":
         """Load from a registry name, a Hub id, a local directory or a weights file.
 
@@ -143,7 +148,11 @@ class VisionTower(nn.Module, PatchGeometry):
         of the same shape supplies them, or `tower=` names one. CLIP weights in timm / open_clip form
         need `quick_gelu=True` (OpenAI-trained) or `False`; `format="openai"` implies True.
         `image_size` resamples the position embeddings (DINOv2's 518 -> 224 for OpenVLA).
-        `select_layer` defaults to what the checkpoint says it used, else -2.
+        A full VLM checkpoint (transformers' LLaVA, LLaVA-NeXT(-Video), OneVision, PaliGemma, or an
+        original LLaVA / LLaVA-NeXT one) gives its vision tower. `select_layer`, `select_feature` and
+        `post_norm` (the final LayerNorm applied to the selected tokens: PaliGemma's
+        `last_hidden_state`) default to what the checkpoint's model uses, else -2, the tower's
+        widest feature and no post-norm.
 
         Raises `WeightsUnavailableError` with instructions when the weights cannot be had
         (offline, not cached), and `CheckpointError` when they do not fit.
@@ -151,7 +160,7 @@ class VisionTower(nn.Module, PatchGeometry):
         check_attn_implementation(attn_implementation or "sdpa")  # before any download
         target = resolve_dtype(dtype)
         loaded = load_weights(name_or_path, dtype=target, tower=tower, format=format, quick_gelu=quick_gelu,
-                              image_size=image_size, revision=revision)
+                              image_size=image_size, revision=revision, final_norm=post_norm)
         kw = dict(select_layer=select_layer, attn_implementation=attn_implementation, revision=revision)
         if isinstance(loaded, FusedWeights):
             _check_fused_feature(select_feature)
@@ -166,10 +175,13 @@ class VisionTower(nn.Module, PatchGeometry):
                attn_implementation: str | None, revision: str | None) -> "VisionTower":
         """Modules on the meta device, then the loaded tensors assigned in (no random init, no copy)."""
         layer = select_layer if select_layer is not None else w.defaults.get("select_layer", -2)
+        if select_feature is None and "refuse_default_feature" in w.defaults:
+            raise CheckpointError(w.defaults["refuse_default_feature"])
         feature = select_feature or w.defaults.get("select_feature")
         with torch.device("meta"):
             tower = cls(w.arch, w.preprocess, family=w.family, name=w.name, select_layer=layer, select_feature=feature,
-                        attn_implementation=attn_implementation, source=w.source, revision=revision)
+                        attn_implementation=attn_implementation, source=w.source, revision=revision,
+                        post_norm=w.defaults.get("post_norm", w.arch.final_norm))
         load_into(tower.vit, w.weights, w.source or w.name)
         tower.freeze()  # assign=True replaced the parameters
         return tower
@@ -251,6 +263,8 @@ class VisionTower(nn.Module, PatchGeometry):
         feature = self._select_feature if feature is None else _check_feature(feature, cfg, self.name, self.family)
         x = pixel_values.to(device=self.device, dtype=self.dtype)
         states = self.vit.forward_hidden_states(x, indices)  # each (B, prefix + N, C)
+        if self.post_norm:
+            states = [self.vit.norm(h) for h in states]
         p = cfg.num_prefix_tokens
         if feature == "patch":
             states = [h[:, p:] for h in states]  # (B, num_patches, C)
@@ -333,6 +347,7 @@ class FusedVisionTower(VisionTower):
         self.towers = nn.ModuleDict(towers)
         self.name = name
         self.family = "fused"
+        self.post_norm = False
         self.source = next(iter(towers.values())).source
         self.revision = next(iter(towers.values())).revision
         self.freeze()

@@ -61,6 +61,7 @@ class ViTConfig:
     patch_bias: bool = False  # CLIP's patch conv has no bias; SigLIP / DINOv2 have one
     layer_scale: bool = False  # DINOv2's per-channel residual scales
     in_channels: int = 3
+    final_norm: bool = False  # hold the final LayerNorm (post-norm); only run when asked (PaliGemma, CLIP's head)
 
     def __post_init__(self) -> None:
         bounds = {"image_size": MAX_IMAGE_SIZE, "patch_size": MAX_IMAGE_SIZE, "width": MAX_WIDTH, "depth": MAX_DEPTH,
@@ -237,8 +238,9 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """Patch embedding, optional class / register tokens, learned positions, optional pre-norm, blocks.
 
-    There is deliberately no post-norm or pooling head: VLMs read a hidden state from inside
-    the stack, so those weights are never loaded and never run.
+    There is no pooling head, and the final norm exists only when the config asks for it
+    (`final_norm`): VLMs read a hidden state from inside the stack, so those weights are usually
+    neither loaded nor run.
     """
 
     def __init__(self, cfg: ViTConfig, attn_implementation: AttnImpl = "sdpa") -> None:
@@ -251,6 +253,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_tokens, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, attn_implementation) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else None
         self.gradient_checkpointing = False
         self.reset_parameters()
 
@@ -333,8 +336,8 @@ class VisionTransformer(nn.Module):
         "NLC", paired with their prefix tokens (B, prefix, C) when `return_prefix_tokens`. Returns
         `(last tokens, intermediates)`, or the intermediates alone. There is no final norm to apply
         (`norm=True` is refused). Use `forward_hidden_states` to count as transformers does."""
-        if norm:
-            raise ConfigError("this ViT has no final norm (VLMs read hidden states, the post-norm is not loaded)")
+        if norm and self.norm is None:
+            raise ConfigError("this ViT holds no final norm (built without final_norm: the post-norm was not loaded)")
         if output_fmt not in ("NCHW", "NLC"):
             raise ConfigError(f"output_fmt {output_fmt!r} is not 'NCHW' or 'NLC'")
         depth = self.cfg.depth
@@ -352,6 +355,8 @@ class VisionTransformer(nn.Module):
         stop = max(take) + 1 if stop_early else depth
         last, kept = self._blocks(self.embed(x), stop, {i + 1 for i in take})
         states = [kept[i + 1] for i in sorted(set(take))]  # block order, as timm appends them
+        if norm:
+            states = [self.norm(h) for h in states]
         p = self.cfg.num_prefix_tokens
         prefixes = [h[:, :p] for h in states]  # (B, prefix, C)
         states = [h[:, p:] for h in states]  # (B, h*w, C)

@@ -19,12 +19,13 @@ import torch
 
 from ..checkpoints import fetch_file, offline_help, read_json, read_tensors, weight_files_in
 from ..errors import CheckpointError, ConfigError, WeightsUnavailableError
+from ..registry import REGISTRY, TowerSpec
 
 CONFIG_FIELDS = ("kind", "in_features", "out_features", "tower", "select_layer", "select_feature", "cast_to_input")
 _LLAVA_FILES = ("mm_projector.bin", "mm_projector.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 _OPENVLA_NAMES = {"fc1": "0", "fc2": "2", "fc3": "4"}
-_HF_NAMES = {"linear_1": "0", "linear_2": "2"}
+_HF_NAMES = {"linear_1": "0", "linear_2": "2", "linear": "0"}  # LLaVA family: linear_1 / linear_2; PaliGemma: linear
 _STRATEGY_TO_FEATURE = {"default": "patch", "full": "cls_patch"}
 
 
@@ -53,7 +54,7 @@ class ProjectorWeights:
 
 # ------------------------------------------------------------------------------------- helpers
 def _read(src: str | Path | Mapping[str, torch.Tensor], marker: str,
-          files: tuple[str, ...] = _LLAVA_FILES) -> dict[str, torch.Tensor]:
+          files: tuple[str, ...] = _LLAVA_FILES, allow_empty: bool = False) -> dict[str, torch.Tensor]:
     """Tensors whose names contain `marker`, renamed to what follows its last occurrence.
 
     `src` is a state dict, a weights file (.bin / .pt / .safetensors) or a directory."""
@@ -68,7 +69,7 @@ def _read(src: str | Path | Mapping[str, torch.Tensor], marker: str,
         else:
             raise CheckpointError(f"{path} does not exist")
         raw = read_tensors(paths, keep=lambda k: marker in k)
-    if not raw:
+    if not raw and not allow_empty:
         raise CheckpointError(f"{'the state dict' if isinstance(src, Mapping) else src} holds no tensors named *{marker}*")
     empty = sorted(k for k, v in raw.items() if v.numel() == 0)
     if empty:
@@ -92,8 +93,12 @@ def _infer_kind(sd: Mapping[str, torch.Tensor], three_linears: str) -> tuple[str
 
 
 def sequential_state(proj: ProjectorLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Detached, contiguous copies of the projector's tensors (Sequential names), optionally cast."""
-    return {k: v.detach().to(dtype or v.dtype).contiguous().clone() for k, v in proj.state_dict().items()}
+    """Detached, contiguous copies of the projector's tensors in nn.Sequential names ("0.weight", ...;
+    a bare `linear` projector's "weight" is "0.weight" here), optionally cast."""
+    sd = proj.state_dict()
+    if proj.kind == "linear":
+        sd = {k if k.startswith("0.") else f"0.{k}": v for k, v in sd.items()}
+    return {k: v.detach().to(dtype or v.dtype).contiguous().clone() for k, v in sd.items()}
 
 
 def _source(src: Any) -> str:
@@ -129,12 +134,27 @@ def read_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> Projecto
     """LLaVA's `mm_projector.bin` (keys `model.mm_projector.*` or `mm_projector.*`), or a LLaVA
     checkpoint directory (its safetensors shards or .bin). The kind comes from `config.json`'s
     `mm_projector_type` when there is one, else from the keys."""
-    sd = _read(path, "mm_projector.")
+    directory = Path(path) if Path(path).is_dir() else Path(path).parent
+    cfg = read_json(directory / "config.json") or {}
+    if cfg.get("mm_projector_type") == "identity":  # LLaVA saves an identity projector as an empty mm_projector.bin
+        if _read(path, "mm_projector.", allow_empty=True):
+            raise CheckpointError(f"{path}: config.json says mm_projector_type identity, but the file holds tensors")
+        if "mm_hidden_size" not in cfg:
+            raise CheckpointError(f"{directory / 'config.json'} lacks mm_hidden_size, the identity projector's width")
+        provenance = {"tower": cfg.get("mm_vision_tower"), "select_layer": cfg.get("mm_vision_select_layer"),
+                      "select_feature": cfg.get("mm_vision_select_feature")}
+        return ProjectorWeights("identity", cfg["mm_hidden_size"], cfg.get("hidden_size", cfg["mm_hidden_size"]), {},
+                                str(path), provenance)
+    try:
+        sd = _read(path, "mm_projector.")
+    except CheckpointError as e:
+        if "holds no tensors" in str(e) and not cfg:
+            raise CheckpointError(f"{e}; an empty mm_projector.bin is LLaVA's identity projector, which needs its "
+                                  "config.json (mm_projector_type, mm_hidden_size) beside it") from None
+        raise
     if set(sd) <= {"weight", "bias"}:  # LLaVA's linear projector is a bare nn.Linear
         sd = {f"0.{k}": v for k, v in sd.items()}
     kind, in_f, out_f = _infer_kind(sd, three_linears="mlp3x_gelu")
-    directory = Path(path) if Path(path).is_dir() else Path(path).parent
-    cfg = read_json(directory / "config.json") or {}
     if "mm_projector_type" in cfg:
         kind = cfg["mm_projector_type"]
         in_f, out_f = cfg.get("mm_hidden_size", in_f), cfg.get("hidden_size", out_f)
@@ -147,8 +167,8 @@ def write_llava(proj: ProjectorLike, directory: str | Path, *, select_layer: int
                 select_feature: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write `mm_projector.bin` exactly as LLaVA's stage 1 saves it (what `--pretrain_mm_mlp_adapter`
     loads), and a `config.json` with the fields LLaVA reads. Returns the .bin's path."""
-    if proj.kind == "fused_gelu_mlp" or proj.kind == "identity":
-        raise ConfigError(f"LLaVA has no {proj.kind!r} projector; export_llava takes linear or mlpNx_gelu")
+    if proj.kind == "fused_gelu_mlp":
+        raise ConfigError("LLaVA has no 'fused_gelu_mlp' projector; export_llava takes linear, mlpNx_gelu or identity")
     layer = select_layer if select_layer is not None else proj.select_layer
     feature = select_feature or proj.select_feature
     if layer is None or feature is None:
@@ -165,8 +185,9 @@ def write_llava(proj: ProjectorLike, directory: str | Path, *, select_layer: int
     torch.save({f"model.mm_projector.{k}": v for k, v in sd.items()}, out)
     config = {"mm_projector_type": proj.kind, "mm_hidden_size": proj.in_features, "hidden_size": proj.out_features,
               "mm_vision_select_layer": layer, "mm_vision_select_feature": feature}
-    if proj.tower:
-        config["mm_vision_tower"] = proj.tower
+    if proj.tower:  # LLaVA's builder needs the Hub id or a path, not a registry name
+        spec = REGISTRY.get(proj.tower)
+        config["mm_vision_tower"] = spec.hub_id if isinstance(spec, TowerSpec) else proj.tower
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -176,14 +197,15 @@ def hf_llava_state(proj: ProjectorLike, prefix: str = "multi_modal_projector.") 
     """State dict for `LlavaMultiModalProjector` (linear_1 -> GELU -> linear_2)."""
     if proj.kind != "mlp2x_gelu":
         raise ConfigError(f"transformers' LLaVA projector is mlp2x_gelu; this one is {proj.kind!r}")
-    inverse = {v: k for k, v in _HF_NAMES.items()}
+    inverse = {"0": "linear_1", "2": "linear_2"}
     return {prefix + inverse[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v
             for k, v in sequential_state(proj).items()}
 
 
 def read_hf_llava(src: str | Path | Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> ProjectorWeights:
-    """From a `LlavaForConditionalGeneration` state dict or checkpoint directory
-    (`multi_modal_projector.linear_1/2`, at top level or under `model.`)."""
+    """From a transformers LLaVA, LLaVA-NeXT(-Video), OneVision (`multi_modal_projector.linear_1/2`) or
+    PaliGemma (`multi_modal_projector.linear`) state dict or checkpoint directory, at top level or
+    under `model.`."""
     sd = _read(src, "multi_modal_projector.", files=_LLAVA_FILES[2:])
     try:
         sd = {_HF_NAMES[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in sd.items()}
@@ -196,6 +218,9 @@ def read_hf_llava(src: str | Path | Mapping[str, torch.Tensor], dtype: torch.dty
         provenance = {"select_layer": cfg.get("vision_feature_layer"),
                       "select_feature": _STRATEGY_TO_FEATURE.get(cfg.get("vision_feature_select_strategy", ""))}
     kind, in_f, out_f = _infer_kind(sd, three_linears="mlp3x_gelu")
+    if not isinstance(src, Mapping) and (cfg := read_json(Path(src) / "config.json")) and \
+            cfg.get("model_type") == "paligemma":
+        provenance = {"select_layer": -1, "select_feature": "patch"}  # SigLIP's last_hidden_state
     return ProjectorWeights(kind, in_f, out_f, {k: v.to(dtype) for k, v in sd.items()}, _source(src), provenance)
 
 

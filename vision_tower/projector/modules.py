@@ -41,7 +41,7 @@ def _layers(kind: str, in_features: int, out_features: int) -> list[nn.Module]:
     if in_features <= 0 or out_features <= 0:
         raise ConfigError(f"projector widths must be positive; got in_features={in_features}, out_features={out_features}")
     if kind == "linear":
-        return [nn.Linear(in_features, out_features)]
+        return []  # LLaVA's bare nn.Linear: its weight and bias are the projector's own (see Projector)
     if kind == "identity":
         if in_features != out_features:
             raise ConfigError(f"an identity projector needs in_features == out_features; got {in_features} and {out_features}")
@@ -84,6 +84,10 @@ class Projector(
         cast_to_input: bool = False,
     ) -> None:
         super().__init__(*_layers(kind, in_features, out_features))
+        if kind == "linear":  # named `weight` / `bias` as LLaVA's bare nn.Linear, so its checkpoints load by name
+            bare = nn.Linear(in_features, out_features)
+            self.weight, self.bias = bare.weight, bare.bias
+            self._register_load_state_dict_pre_hook(_accept_sequential_names)
         self.kind = kind
         self.in_features = in_features
         self.out_features = out_features
@@ -99,8 +103,9 @@ class Projector(
                    select_feature=tower.select_feature, **kwargs)
 
     @property
-    def linears(self) -> list[nn.Linear]:
-        return [m for m in self if isinstance(m, nn.Linear)]
+    def linears(self) -> list[nn.Module]:
+        """The modules holding a `weight` and `bias` (for `linear`, the projector itself)."""
+        return [self] if self.kind == "linear" else [m for m in self if isinstance(m, nn.Linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -111,16 +116,16 @@ class Projector(
         if not self.linears:
             return x
         param_dtype = self.linears[0].weight.dtype
-        if x.dtype == param_dtype or _autocast_on(x.device.type):
-            return super().forward(x)
-        if not self.cast_to_input:
+        cast = not (x.dtype == param_dtype or _autocast_on(x.device.type))
+        if cast and not self.cast_to_input:
             raise TypeError(
                 f"features are {x.dtype} but the projector's parameters are {param_dtype}; build it with "
                 f"cast_to_input=True, call .to({x.dtype}), or run under torch.autocast"
             )
-        for m in self:  # weights cast to the input's dtype at use; gradients reach the master weights
-            if isinstance(m, nn.Linear):
-                x = F.linear(x, m.weight.to(x.dtype), None if m.bias is None else m.bias.to(x.dtype))
+        for m in ([self] if self.kind == "linear" else self):  # cast: weights in the input's dtype at use,
+            if m is self or isinstance(m, nn.Linear):          # gradients still reach the master weights
+                x = F.linear(x, m.weight.to(x.dtype) if cast else m.weight,
+                             None if m.bias is None else m.bias.to(x.dtype) if cast else m.bias)
             else:
                 x = m(x)
         return x
@@ -140,7 +145,8 @@ class Projector(
     def from_weights(cls, w: fmt.ProjectorWeights, **overrides: Any) -> "Projector":
         """Build from what a `formats` reader returned, loading strictly (every tensor listed on a mismatch)."""
         proj = cls(w.kind, w.in_features, w.out_features, **{**w.provenance, **overrides})
-        load_into(proj, w.state, w.source)
+        state = {k.removeprefix("0."): v for k, v in w.state.items()} if w.kind == "linear" else w.state
+        load_into(proj, state, w.source)
         return proj
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -185,6 +191,13 @@ class Projector(
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, in_features={self.in_features}, out_features={self.out_features}, tower={self.tower!r}"
+
+
+def _accept_sequential_names(state_dict, prefix, *args) -> None:
+    """A `linear` projector saved as nn.Sequential("0.weight", before it was bare) loads too."""
+    for name in ("weight", "bias"):
+        if prefix + "0." + name in state_dict and prefix + name not in state_dict:
+            state_dict[prefix + name] = state_dict.pop(prefix + "0." + name)
 
 
 def _autocast_on(device_type: str) -> bool:
