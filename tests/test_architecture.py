@@ -12,14 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # A module may import modules of its own layer or below, never above (see docs/architecture.md).
 LAYERS = [
     ["errors", "version", "distributed", "faults"],
-    ["preprocess", "pooling", "data"],
+    ["preprocess", "pooling", "data", "anyres", "video", "sources"],
     ["vit"],
     ["registry"],
     ["checkpoints"],
     ["formats"],
     ["loading"],
     ["tower"],
-    ["llava", "cache", "imagetext", "anyres", "video", "sources"],
+    ["llava", "cache", "imagetext"],
     ["extract", "score"],
     ["projector"],
     ["training"],

@@ -8,6 +8,7 @@ never guessed from a name. `tower.py` builds the modules from what this returns.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from . import checkpoints as ck
 from . import formats as fm
+from .anyres import default_pinpoints
 from .errors import CheckpointError, ConfigError
 from .preprocess import PreprocessConfig
 from .registry import (
@@ -159,6 +161,10 @@ def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, f
                 "tower has no CLS, so the model drops a real patch. Load with select_feature='patch' to keep every "
                 "token (what 'full' gives)")
         defaults["select_feature"] = "patch" if strategy == "default" or family == "siglip" else "cls_patch"
+    if cfg.get("image_grid_pinpoints"):  # LLaVA-NeXT / OneVision: transformers reads sizes as (height, width)
+        defaults |= {"grid_pinpoints": cfg["image_grid_pinpoints"], "convention": "transformers"}
+        if max_patches := _anyres_max(cfg.get("vision_aspect_ratio", "")):
+            defaults["max_num_patches"] = max_patches
     # transformers' processors composite transparency onto white; no EXIF rotation of PIL inputs
     pre = _checkpoint_preprocess(ckpt.preprocessor_config, arch, family, alpha="white")
     return TowerWeights(arch, pre, family, ckpt.source, ckpt.source, weights, defaults)
@@ -194,9 +200,21 @@ def _from_llava_checkpoint(ckpt: ck.Checkpoint, prefix: str | None, dtype: torch
     else:
         defaults = {"select_layer": cfg.get("mm_vision_select_layer", -2),
                     "select_feature": cfg.get("mm_vision_select_feature", "patch")}
-    mode = "pad" if cfg.get("image_aspect_ratio") == "pad" else pre.default_mode
+    aspect = cfg.get("image_aspect_ratio") or ""
+    if "anyres" in aspect:  # LLaVA-NeXT's own code reads sizes as (width, height)
+        defaults |= {"grid_pinpoints": cfg.get("image_grid_pinpoints") or default_pinpoints(arch.image_size),
+                     "convention": "llava-next"}
+        if max_patches := _anyres_max(aspect):
+            defaults["max_num_patches"] = max_patches
+    mode = "pad" if aspect == "pad" else pre.default_mode
     pre = replace(pre, default_mode=mode, alpha="drop", exif=False)  # LLaVA: Image.open(...).convert("RGB")
     return TowerWeights(arch, pre, family, spec.name if spec else tower, ckpt.source, weights, defaults)
+
+
+def _anyres_max(aspect: str) -> int | None:
+    """9 for "anyres_max_9" (OneVision's budget of tiles), else None."""
+    found = re.fullmatch(r"anyres_max_(\d+)", aspect)
+    return int(found.group(1)) if found else None
 
 
 def _checkpoint_preprocess(processor: dict[str, Any] | None, arch: ViTConfig, family: str, alpha: str) -> PreprocessConfig:

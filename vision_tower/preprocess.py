@@ -202,6 +202,11 @@ def letterbox(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return out
 
 
+def resample_filter(cfg: PreprocessConfig) -> Image.Resampling:
+    """The PIL filter of a config's `interpolation`."""
+    return _RESAMPLE[cfg.interpolation]
+
+
 def check_work(width: int, height: int, cfg: PreprocessConfig, mode: Mode) -> None:
     """Refuse, before any pixel is made, an image whose preprocessing would make an image over the
     decompression-bomb bound (`MAX_PIXELS`) or that is more than `MAX_ASPECT` times longer than wide:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 import torch
 from torch import nn
@@ -17,8 +17,10 @@ from torch import nn
 from .checkpoints import load_into
 from .errors import CheckpointError, ConfigError
 from .loading import FusedWeights, TowerWeights, as_spec, load_weights, part_spec
+from .anyres import AnyresImage, default_pinpoints, preprocess_anyres
 from .preprocess import (
-    Alpha, ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, preprocess, with_loading,
+    Alpha, ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, as_frames, load_image, preprocess,
+    with_loading,
 )
 from .registry import DEFAULT_TOWER, FusedSpec, TowerSpec
 from .vit import PatchGeometry, ViTConfig, VisionTransformer, check_attn_implementation
@@ -183,6 +185,8 @@ class VisionTower(nn.Module, PatchGeometry):
                         attn_implementation=attn_implementation, source=w.source, revision=revision,
                         post_norm=w.defaults.get("post_norm", w.arch.final_norm))
         load_into(tower.vit, w.weights, w.source or w.name)
+        tower._anyres_defaults = {k: v for k, v in w.defaults.items() if k in ("grid_pinpoints", "convention",
+                                                                               "max_num_patches")}
         tower.freeze()  # assign=True replaced the parameters
         return tower
 
@@ -249,6 +253,33 @@ class VisionTower(nn.Module, PatchGeometry):
                   exif: bool | None = None) -> ImageTransform:
         """The same preprocessing for one image at a time, picklable for DataLoader workers: -> (3, S, S)."""
         return ImageTransform([with_loading(self.preprocess_config, alpha, exif)], mode)
+
+    def preprocess_anyres(self, images: ImageInput | Sequence[ImageInput], grid_pinpoints: Any = None,
+                          convention: str | None = None) -> list[AnyresImage]:
+        """LLaVA-NeXT's anyres views of each image: the base view, then tiles of the pinpoint that fits
+        it best, each through this tower's preprocessing; with the geometry a merge needs.
+        `grid_pinpoints` and `convention` ("llava-next" or "transformers", see `vision_tower.anyres`)
+        default to what the checkpoint states (a VLM checkpoint's), else LLaVA-1.6's list and
+        "llava-next"."""
+        configs = self.transform().configs
+        pinpoints = grid_pinpoints if grid_pinpoints is not None else self.anyres_defaults.get(
+            "grid_pinpoints", default_pinpoints(self.image_size))
+        convention = convention or self.anyres_defaults.get("convention", "llava-next")
+        return [preprocess_anyres(load_image(im, configs[0].alpha, configs[0].exif), configs, pinpoints, convention)
+                for im in as_frames(images)]
+
+    def encode_anyres(self, images: Sequence[AnyresImage] | ImageInput | Sequence[ImageInput], **kwargs) -> list[torch.Tensor]:
+        """Features of every view of a batch in one forward, split per image: [(views_i, N, C), ...].
+        Merge each with `vision_tower.anyres.merge_anyres` after your projector (see there)."""
+        if not (isinstance(images, (list, tuple)) and images and all(isinstance(i, AnyresImage) for i in images)):
+            images = self.preprocess_anyres(images, **kwargs)
+        feats = self(torch.cat([im.pixels for im in images]))  # (sum views, N, C)
+        return list(feats.split([im.geometry.num_views for im in images]))
+
+    @property
+    def anyres_defaults(self) -> dict[str, Any]:
+        """The grid pinpoints, convention and anyres_max a checkpoint states (empty for plain towers)."""
+        return getattr(self, "_anyres_defaults", {})
 
     def forward(self, pixel_values: torch.Tensor, layers: LayerSelection | None = None,
                 feature: Feature | None = None) -> torch.Tensor:
