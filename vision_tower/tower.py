@@ -18,6 +18,7 @@ from .checkpoints import load_into
 from .errors import CheckpointError, ConfigError
 from .loading import FusedWeights, TowerWeights, as_spec, load_weights, part_spec
 from .anyres import AnyresImage, default_pinpoints, preprocess_anyres
+from .video import VideoClip, preprocess_video
 from .preprocess import (
     Alpha, ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, as_frames, load_image, preprocess,
     with_loading,
@@ -275,6 +276,20 @@ class VisionTower(nn.Module, PatchGeometry):
             images = self.preprocess_anyres(images, **kwargs)
         feats = self(torch.cat([im.pixels for im in images]))  # (sum views, N, C)
         return list(feats.split([im.geometry.num_views for im in images]))
+
+    def preprocess_video(self, video: Any, num_frames: int | None = None, fps: float | None = None, *,
+                         video_fps: float | None = None, sampler: str = "llava-next",
+                         force_sample: bool = True) -> VideoClip:
+        """A video file (decoded with PyAV) or its frames ((T, H, W, C) array / tensor, or a list), sampled as
+        LLaVA-NeXT-Video (`sampler="llava-next"`) or transformers' LlavaNextVideoProcessor does, each frame
+        through this tower's preprocessing: (frames, 3, S, S) and which frames they are (`vision_tower.video`)."""
+        return preprocess_video(video, self.transform().configs, num_frames, fps, video_fps, sampler, force_sample)
+
+    def encode_video(self, clips: Sequence[VideoClip]) -> list[torch.Tensor]:
+        """Features of every frame of every clip in one forward, split per clip: [(frames_i, N, C), ...].
+        LLaVA-NeXT-Video then pools each frame's grid (`pool_tokens`, stride 2: 576 -> 144 on CLIP-L/14@336)."""
+        feats = self(torch.cat([c.pixels for c in clips]))  # (sum frames, N, C)
+        return list(feats.split([c.geometry.num_views for c in clips]))
 
     @property
     def anyres_defaults(self) -> dict[str, Any]:
