@@ -16,6 +16,18 @@ from .preprocess import ALPHAS, MODES
 from .registry import DEFAULT_TOWER, REGISTRY
 
 
+def _pinpoints(text: str | None):
+    """--grid-pinpoints: JSON pairs, or LLaVA-NeXT's "(1x1),...,(6x6)" string as it is."""
+    if text is None or text.lstrip().startswith("("):
+        return text
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ConfigError(f"--grid-pinpoints {text!r} is neither JSON pairs nor '(AxB),...,(CxD)'") from None
+
+
 def _layer(args: argparse.Namespace) -> int | list[int]:
     """--layer N -> N; --layer N M ... -> [N, M, ...] (concatenated on the channel axis)."""
     return args.layer[0] if len(args.layer) == 1 else args.layer
@@ -80,6 +92,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     cfg = ExtractConfig(images=args.images, out=args.out, list=args.list, model=None if args.random_init else args.model,
                         random_init=args.random_init, seed=args.seed, layer=_layer(args), feature=args.feature,
                         dtype=args.dtype, preprocess=args.preprocess, alpha=args.alpha, exif=args.exif,
+                        views="anyres" if args.anyres else "video" if args.video else None,
+                        grid_pinpoints=_pinpoints(args.grid_pinpoints), anyres_convention=args.anyres_convention,
+                        num_frames=args.num_frames, fps=args.fps, frame_sampler=args.frame_sampler,
                         batch_size=args.batch_size,
                         num_workers=args.num_workers, pool=args.pool, device=args.device, shard_size=args.shard_size,
                         progress=not args.quiet, compile=args.compile, attn_implementation=args.attn_implementation)
@@ -185,7 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(transformers); default: the tower's own")
     e.add_argument("--exif", action=argparse.BooleanOptionalAction, default=None,
                    help="apply EXIF orientation (rotate photos upright); default: the tower's own (LLaVA, OpenVLA: no)")
-    e.add_argument("--batch-size", type=int, default=32)
+    many = e.add_mutually_exclusive_group()
+    many.add_argument("--anyres", action="store_true",
+                      help="LLaVA-NeXT / OneVision anyres: store each image's base view and tiles, with their geometry")
+    many.add_argument("--video", action="store_true",
+                      help="--images holds videos (LLaVA JSON: records' 'video'): store sampled frames per video")
+    e.add_argument("--grid-pinpoints", help="anyres: JSON pairs ('[[336, 672], ...]') or '(1x1),...,(6x6)'; "
+                                            "default the checkpoint's, else LLaVA-1.6's")
+    e.add_argument("--anyres-convention", choices=("llava-next", "transformers"),
+                   help="anyres: read sizes as (W, H) like LLaVA-NeXT's code or (H, W) like transformers; default "
+                        "the checkpoint's format's, else llava-next")
+    e.add_argument("--num-frames", type=int, help="video: frames per video (with --fps: at most)")
+    e.add_argument("--fps", type=float, help="video: sample by frame rate first (LLaVA-NeXT-Video's video_fps)")
+    e.add_argument("--frame-sampler", choices=("llava-next", "transformers"), default="llava-next",
+                   help="video: LLaVA-NeXT-Video's uniform sampler or transformers' (default llava-next)")
+    e.add_argument("--batch-size", type=int, default=32, help="images (or videos) per forward")
     e.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     e.add_argument("--pool", choices=POOLS, default="none", help="spatial pooling of the patch grid")
     e.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun / accelerate)")

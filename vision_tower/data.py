@@ -25,6 +25,7 @@ class LlavaRecord:
     index: int  # position in the file, for messages
     images: tuple[str, ...]  # image keys: none (text-only), one, or several (multi-image records)
     caption: str | None  # the first `gpt` turn, stripped; None without one
+    videos: tuple[str, ...] = ()  # LLaVA-Video records name a `video` instead
 
 
 def read_llava_json(path: str | os.PathLike) -> list[LlavaRecord]:
@@ -48,16 +49,7 @@ def read_llava_json(path: str | os.PathLike) -> list[LlavaRecord]:
 def _record(path: Path, i: int, r: object) -> LlavaRecord:
     if not isinstance(r, dict):
         raise ConfigError(f"{path}: record {i} is a {type(r).__name__}, not an object with 'image' and 'conversations'")
-    image = r.get("image")
-    if image is None:
-        images: tuple[str, ...] = ()
-    elif isinstance(image, str):
-        images = (image,)
-    elif isinstance(image, list) and all(isinstance(k, str) for k in image):
-        images = tuple(image)
-    else:
-        raise ConfigError(f"{path}: record {i} has image {_short(image)}; expected a path relative to the image root "
-                          "or a list of them")
+    images, videos = (_paths(path, i, r, field) for field in ("image", "video"))
     turns = r.get("conversations") or []
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
         raise ConfigError(f"{path}: record {i} has conversations {_short(turns)}; expected a list of "
@@ -65,7 +57,19 @@ def _record(path: Path, i: int, r: object) -> LlavaRecord:
     caption = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
     if caption is not None and not isinstance(caption, str):
         raise ConfigError(f"{path}: record {i}'s gpt turn has value {_short(caption)}; expected text")
-    return LlavaRecord(i, images, caption.strip() if caption is not None else None)
+    return LlavaRecord(i, images, caption.strip() if caption is not None else None, videos)
+
+
+def _paths(path: Path, i: int, r: dict, field: str) -> tuple[str, ...]:
+    value = r.get(field)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(k, str) for k in value):
+        return tuple(value)
+    raise ConfigError(f"{path}: record {i} has {field} {_short(value)}; expected a path relative to the image root "
+                      "or a list of them")
 
 
 def _short(x: object, n: int = 60) -> str:
@@ -76,17 +80,19 @@ def _short(x: object, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def list_keys(images: str | os.PathLike, list_file: str | os.PathLike | None = None) -> list[str]:
-    """The image keys of a run, in a fixed order, each once.
+def list_keys(images: str | os.PathLike, list_file: str | os.PathLike | None = None,
+              suffixes: tuple[str, ...] = IMAGE_SUFFIXES, field: str = "image") -> list[str]:
+    """The image (or video) keys of a run, in a fixed order, each once.
 
-    From a LLaVA JSON (every record's images) or a text file (one key a line, `#` comments); without
-    a list, every entry under `images` named like an image, sorted: directories, FIFOs or dangling
-    links so named are keys too, and fail as such when read (`resolve_key`), rather than vanish."""
+    From a LLaVA JSON (every record's `field`: "image", or "video" for LLaVA-Video data) or a text file
+    (one key a line, `#` comments); without a list, every entry under `images` named with one of
+    `suffixes`, sorted: directories, FIFOs or dangling links so named are keys too, and fail as such
+    when read (`resolve_key`), rather than vanish."""
     root = Path(images)
     if not root.is_dir():
         raise ConfigError(f"--images {root} is not a directory")
     if list_file is None:
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in suffixes)
     path = Path(list_file)
     if not path.is_file():
         raise ConfigError(f"--list {path} " + ("is a directory" if path.is_dir() else "does not exist")
@@ -96,7 +102,7 @@ def list_keys(images: str | os.PathLike, list_file: str | os.PathLike | None = N
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--list {path} cannot be read as text: {e}") from e
     if path.suffix == ".json" or text.lstrip().startswith("["):
-        keys = [k for r in read_llava_json(path) for k in r.images]
+        keys = [k for r in read_llava_json(path) for k in (r.videos if field == "video" else r.images)]
     else:
         keys = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     return list(dict.fromkeys(keys))  # first occurrence wins: an image used by many records is extracted once

@@ -31,10 +31,12 @@ from .checkpoints import state_dict_sha256
 from .data import IMAGE_SUFFIXES, list_keys, resolve_key, safe_path  # noqa: F401  (safe_path: imported from here before)
 from .distributed import dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
 from .errors import ConfigError, ImageLoadError, Interrupted, Terminated
+from .anyres import CONVENTIONS, default_pinpoints, preprocess_anyres
 from .pooling import pool_tokens
-from .preprocess import Mode
+from .preprocess import Mode, load_image
 from .tower import VisionTower, build_tower
 from .version import __version__
+from .video import VIDEO_SUFFIXES, preprocess_video
 
 inspect = inspect_cache  # `vision_tower.extract.inspect`, where it lived before
 POOLS = ("none", "avg2", "max2", "bilinear2", "avg3", "max3", "avg4", "max4")
@@ -65,6 +67,13 @@ class ExtractConfig:
     compile: bool = False  # torch.compile the tower: a one-time cost (~35 s for ViT-L on 2 CPU cores)
     attn_implementation: str | None = None  # "native": faster bf16 on CPUs, other rounding (vit.Attention)
     queue_mb: int = 1024  # rows waiting for the writer threads, at most (always one batch); bounds memory
+    # Many views per input: "anyres" (LLaVA-NeXT tiles of each image) or "video" (sampled frames of each video).
+    views: str | None = None
+    grid_pinpoints: Any = None  # anyres: default the checkpoint's, else LLaVA-1.6's
+    anyres_convention: str | None = None  # anyres: "llava-next" / "transformers"; default the checkpoint's
+    num_frames: int | None = None  # video: frames per video (the upbound, with fps)
+    fps: float | None = None  # video: sample by frame rate first (LLaVA-NeXT-Video's video_fps)
+    frame_sampler: str = "llava-next"  # video: "llava-next" / "transformers"
     extra_metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,9 +94,34 @@ class ExtractResult:
 
 
 # ---------------------------------------------------------------------------------------- inputs
+class ManyViews:
+    """One image or video -> its views' pixels (views, 3 * parts, S, S) and their geometry: anyres tiles
+    or sampled frames. Picklable, for DataLoader workers."""
+
+    def __init__(self, configs: list, views: str, grid_pinpoints: Any, convention: str, num_frames: int | None,
+                 fps: float | None, sampler: str) -> None:
+        self.configs, self.views, self.grid_pinpoints, self.convention = configs, views, grid_pinpoints, convention
+        self.num_frames, self.fps, self.sampler = num_frames, fps, sampler
+
+    def __call__(self, path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.views == "anyres":
+            c = self.configs[0]
+            a = preprocess_anyres(load_image(path, c.alpha, c.exif), self.configs, self.grid_pinpoints, self.convention)
+            return a.pixels, a.geometry.to_dict()
+        clip = preprocess_video(path, self.configs, self.num_frames, self.fps, None, self.sampler)
+        return clip.pixels, clip.geometry.to_dict()
+
+    def settings(self) -> dict[str, Any]:
+        """What the cache metadata records of them (runs with others are refused)."""
+        if self.views == "anyres":
+            return {"views": "anyres", "anyres": {"grid_pinpoints": self.grid_pinpoints, "convention": self.convention}}
+        return {"views": "video", "video": {"num_frames": self.num_frames, "fps": self.fps, "sampler": self.sampler}}
+
+
 class _Images(Dataset):
-    """Key i -> (i, pixels, None), or (i, None, why not): every per-key step (the path checks, stat,
-    open, decode, the bounded preprocessing) happens inside this guard, so one key never stops a run."""
+    """Key i -> (i, pixels, None, geometry), or (i, None, why not, None): every per-key step (the path
+    checks, stat, open, decode, the bounded preprocessing) happens inside this guard, so one key never
+    stops a run. Geometry is None unless `prep` gives many views per key."""
 
     def __init__(self, root: Path, keys: Sequence[str], prep: Callable[[Path], torch.Tensor]) -> None:
         self.root, self.keys, self.prep = root, keys, prep
@@ -95,23 +129,30 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, dict[str, Any] | None]:
         key = self.keys[i]
         try:
-            return i, self.prep(resolve_key(self.root, key)), None
+            out = self.prep(resolve_key(self.root, key))
+            if isinstance(out, tuple):  # many views: (pixels, geometry)
+                return i, out[0], None, out[1]
+            return i, out, None, None
         except ImageLoadError as e:
-            return i, None, str(e)
+            return i, None, str(e), None
         except Exception as e:  # any decoder bug on one file must not end a long run
-            return i, None, f"cannot preprocess {key!r}: {type(e).__name__}: {e}"
+            return i, None, f"cannot preprocess {key!r}: {type(e).__name__}: {e}", None
 
 
 def _collate(items: list) -> dict[str, Any]:
     """Stacked in the worker, so the DataLoader pins one batch tensor and the host-to-device copy can be
-    asynchronous; failed items travel as (index, reason)."""
-    ok = [(i, px) for i, px, _ in items if px is not None]
-    return {"index": [i for i, _, _ in items], "ok": [i for i, _ in ok],
-            "pixels": torch.stack([px for _, px in ok]) if ok else None,  # (B, 3 * parts, S, S)
-            "errors": [(i, err) for i, _, err in items if err is not None]}
+    asynchronous; failed items travel as (index, reason). Many views per key: every key's views one
+    after the other, with their counts and geometry."""
+    ok = [(i, px, g) for i, px, _, g in items if px is not None]
+    many = bool(ok) and ok[0][2] is not None
+    return {"index": [i for i, *_ in items], "ok": [i for i, *_ in ok],
+            "pixels": (torch.cat if many else torch.stack)([px for _, px, _ in ok]) if ok else None,  # (B, ...)
+            "views": [px.shape[0] for _, px, _ in ok] if many else None,
+            "geometry": [g for *_, g in ok] if many else None,
+            "errors": [(i, err) for i, _, err, _ in items if err is not None]}
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -128,6 +169,12 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.pool != "none" and cfg.feature == "cls":
         raise ConfigError(f"--pool {cfg.pool} pools the patch grid, and --feature cls has none; use --feature "
                           "cls_patch or patch, or --pool none")
+    if cfg.views not in (None, "anyres", "video"):
+        raise ConfigError(f"views {cfg.views!r} is not 'anyres' or 'video'")
+    if cfg.views == "video" and cfg.num_frames is None:
+        raise ConfigError("--video needs --num-frames (the frames kept per video; with --fps, the most kept)")
+    if cfg.views == "anyres" and cfg.anyres_convention not in (None, *CONVENTIONS):
+        raise ConfigError(f"--anyres-convention {cfg.anyres_convention!r} is not one of {CONVENTIONS}")
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -138,7 +185,8 @@ def _pool_fn(pool: str, num_prefix_tokens: int) -> Callable[[torch.Tensor], torc
     return lambda x: pool_tokens(x, stride, mode, num_prefix_tokens)
 
 
-def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], tokens: int, channels: int) -> dict[str, Any]:
+def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], tokens: int, channels: int,
+                 views: dict[str, Any] | None = None) -> dict[str, Any]:
     """This run's cache metadata: what `cache_metadata` records, filled in from the config and the tower."""
     configs = tower.transform(alpha=cfg.alpha, exif=cfg.exif).configs  # one per part of a fused tower
     return cache_metadata(
@@ -148,7 +196,8 @@ def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], to
         preprocess={"mode": cfg.preprocess or configs[0].default_mode, "configs": [asdict(c) for c in configs]},
         layer=tower.select_layer, feature=tower.select_feature, pool=cfg.pool,
         attn_implementation=cfg.attn_implementation or "sdpa", dtype=tower.dtype, tokens=tokens, channels=channels,
-        shard_size=cfg.shard_size, keys=list(keys), library_version=__version__, extra=cfg.extra_metadata)
+        shard_size=cfg.shard_size, keys=list(keys), library_version=__version__, extra=cfg.extra_metadata,
+        views=views)
 
 
 def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
@@ -194,7 +243,7 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     check_config(cfg)
     device = resolve_device(cfg.device, local_rank)
     root, out = Path(cfg.images), Path(cfg.out)
-    keys = list_keys(root, cfg.list)
+    keys = list_keys(root, cfg.list, *((VIDEO_SUFFIXES, "video") if cfg.views == "video" else ()))
     if not keys:
         raise ConfigError(f"no images found under {root}" + (f" from {cfg.list}" if cfg.list else ""))
     if tower is None:
@@ -204,15 +253,21 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     if cfg.compile:
         tower.compile()
     prep = tower.transform(cfg.preprocess, alpha=cfg.alpha, exif=cfg.exif)
+    n_parts = len(prep.configs)
+    if cfg.views is not None:
+        prep = ManyViews(prep.configs, cfg.views,
+                         cfg.grid_pinpoints or tower.anyres_defaults.get("grid_pinpoints", default_pinpoints(tower.image_size)),
+                         cfg.anyres_convention or tower.anyres_defaults.get("convention", "llava-next"),
+                         cfg.num_frames, cfg.fps, cfg.frame_sampler)
     pool = _pool_fn(cfg.pool, 0 if tower.select_feature == "patch" else 1)
     with torch.inference_mode():  # one dummy image: the shape each row will have
-        probe = tower(torch.zeros(1, 3 * len(prep.configs), tower.image_size, tower.image_size, device=tower.device))
+        probe = tower(torch.zeros(1, 3 * n_parts, tower.image_size, tower.image_size, device=tower.device))
         probe = pool(probe) if pool else probe
     tokens, channels = probe.shape[1:]
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    meta = run_metadata(cfg, tower, keys, tokens, channels)
+    meta = run_metadata(cfg, tower, keys, tokens, channels, prep.settings() if cfg.views else None)
     check_or_write_metadata(out, meta)
     with RankLock(out, rank, world):
         pending, done = _plan(shard_dir, keys, cfg.shard_size, rank, world, meta)
@@ -273,7 +328,8 @@ def _run(cfg: ExtractConfig, tower: VisionTower, root: Path, keys: list[str], pr
                     feats = tower(pixels)  # (B, T, C)
                     feats = pool(feats) if pool else feats
                 rows, copied, finite = _to_host(feats)
-                writer.rows(shard, rows, [keys[i] for i in batch["ok"]], copied, finite)
+                writer.rows(shard, rows, [keys[i] for i in batch["ok"]], copied, finite, batch["views"],
+                            batch["geometry"])
             remaining[shard] -= len(batch["index"])
             if remaining[shard] == 0:
                 writer.finish(shard, shard_fail.pop(shard, {}))

@@ -11,12 +11,14 @@ from .format import (
     FORMAT, HEADER_RESERVE, VERSION, ShardWriter, cache_metadata, check_or_write_metadata, file_sha256, manifest_path,
     open_rows, shard_header, shard_manifest, shard_name, write_json_atomic,
 )
-from .reader import CacheDataset, FeatureCache, check_committed, inspect_cache, read_metadata, restore_metadata
+from .reader import (
+    CacheDataset, FeatureCache, Views, check_committed, inspect_cache, read_metadata, restore_metadata,
+)
 from .writer import CacheWriter, RankLock, clean_shard
 
 __all__ = [
     "FeatureCache", "CacheDataset", "CacheWriter", "RankLock", "CacheError", "ShardWriter", "inspect_cache",
-    "check_committed", "read_metadata", "restore_metadata", "FORMAT", "VERSION",
+    "check_committed", "read_metadata", "restore_metadata", "Views", "FORMAT", "VERSION",
     "HEADER_RESERVE", "cache_metadata", "check_or_write_metadata", "clean_shard", "file_sha256", "open_rows",
     "manifest_path", "shard_header", "shard_manifest", "shard_name", "write_json_atomic",
 ]

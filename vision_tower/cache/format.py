@@ -76,14 +76,15 @@ def file_sha256(path: Path, chunk: int = 16 << 20, start: int = 0) -> str:
 
 # ------------------------------------------------------------------------------ shards
 def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype, *, shard: int | None = None,
-                 keys: list[str] | None = None, cache: dict[str, Any] | None = None,
+                 keys: list[str] | None = None, cache: dict[str, Any] | None = None, views: str | None = None,
                  reserve: int = HEADER_RESERVE) -> bytes:
     """The first `reserve` bytes of a shard of n rows: the safetensors header length, the JSON header
     and space padding (as the format allows). With `shard` / `keys` / `cache` the shard records its own
     number, its keys in row order and the cache metadata it was written under (`__metadata__`,
     covered by the manifest's `header_sha256`), so a reader can check what a manifest says against the
-    shard itself; without them, the header of shards written before those records existed."""
-    header = _header_json(n, tokens, channels, dtype, shard, keys, cache)
+    shard itself; without them, the header of shards written before those records existed. `views` is
+    the `views_sha256` of a cache of many views per key (how many rows each key has, and its geometry)."""
+    header = _header_json(n, tokens, channels, dtype, shard, keys, cache, views)
     room = reserve - 8
     if len(header) > room:
         raise CacheError(f"safetensors header of {len(header)} bytes does not fit the reserved {room}")
@@ -91,7 +92,7 @@ def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype, *, shar
 
 
 def _header_json(n: int, tokens: int, channels: int, dtype: torch.dtype, shard: int | None, keys: list[str] | None,
-                 cache: dict[str, Any] | None) -> bytes:
+                 cache: dict[str, Any] | None, views: str | None = None) -> bytes:
     meta = {"format": FORMAT}
     if shard is not None:
         meta["shard"] = str(shard)
@@ -99,6 +100,8 @@ def _header_json(n: int, tokens: int, channels: int, dtype: torch.dtype, shard: 
         meta["keys"] = json.dumps(keys, separators=(",", ":"))
     if cache is not None:
         meta["cache"] = canonical_json(cache)
+    if views is not None:
+        meta["views_sha256"] = views
     return json.dumps({"features": {"dtype": DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
                                     "data_offsets": [0, n * tokens * channels * dtype.itemsize]},
                        "__metadata__": meta}, separators=(",", ":")).encode()
@@ -109,7 +112,7 @@ def header_reserve(planned: list[str], tokens: int, channels: int, dtype: torch.
     """Bytes to reserve for the header of a shard that will hold at most the `planned` keys: the
     header with all of them, rounded up to whole pages (rows then start page-aligned). The keys that
     succeed are a subset, so their header is never longer."""
-    longest = 8 + len(_header_json(len(planned), tokens, channels, dtype, shard, planned, cache))
+    longest = 8 + len(_header_json(len(planned), tokens, channels, dtype, shard, planned, cache, "0" * 64))
     return -(-longest // HEADER_RESERVE) * HEADER_RESERVE
 
 
@@ -218,7 +221,7 @@ def read_header(path: Path) -> ShardHeader:
 
 
 def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = None,
-              keys: list[str] | None = None) -> torch.Tensor:
+              keys: list[str] | None = None, views: str | None = None) -> torch.Tensor:
     """A shard's (n, T, C) tensor as a copy-on-write memory map: zero-copy rows, no file writes.
 
     `expect` = (n, T, C, dtype) from the manifest and the cache metadata, and `keys` (the manifest's)
@@ -229,9 +232,9 @@ def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = Non
         raise CacheError(f"{path} holds ({n}, {T}, {C}) {h.dtype} rows, but its manifest and the cache metadata say "
                          f"({expect[0]}, {expect[1]}, {expect[2]}) {expect[3]}; the shard was altered: re-run the "
                          "extraction to redo it")
-    if keys is not None and h.keys is not None and h.keys != keys:
-        raise CacheError(f"{path} records other keys than its manifest (row order differs or keys were edited); "
-                         "re-run the extraction to redo this shard")
+    if keys is not None and h.keys is not None and (h.keys != keys or h.records.get("views_sha256") != views):
+        raise CacheError(f"{path} records other keys than its manifest (row order differs or keys or views were "
+                         "edited); re-run the extraction to redo this shard")
     if n == 0:
         return torch.empty(0, T, C, dtype=h.dtype)
     size = os.path.getsize(path)
@@ -246,12 +249,22 @@ def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = Non
 # ------------------------------------------------------------------------------ manifests
 def shard_manifest(shard: int, file: str | None, keys: list[str], failures: dict[str, str],
                    data_sha256: str | None, nbytes: int, header_sha256: str | None = None,
-                   planned_sha256: str | None = None) -> dict[str, Any]:
+                   planned_sha256: str | None = None, views: list[int] | None = None,
+                   geometry: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A shard's manifest: its keys in row order, the failures among its keys, and what verifies it
     (the rows' and the header's sha256, and that of the keys the shard was planned to hold, in order).
-    `file` is None for a shard whose every key failed (no rows, no file)."""
-    return {"shard": shard, "file": file, "keys": keys, "failures": failures, "data_sha256": data_sha256,
-            "header_sha256": header_sha256, "bytes": nbytes, "planned_sha256": planned_sha256}
+    `file` is None for a shard whose every key failed (no rows, no file). A cache of many views per key
+    (anyres tiles, video frames) also lists each key's number of rows and its geometry."""
+    manifest = {"shard": shard, "file": file, "keys": keys, "failures": failures, "data_sha256": data_sha256,
+                "header_sha256": header_sha256, "bytes": nbytes, "planned_sha256": planned_sha256}
+    if views is not None:
+        manifest |= {"views": views, "geometry": geometry}
+    return manifest
+
+
+def views_sha256(views: list[int], geometry: list[dict[str, Any]]) -> str:
+    """What a shard's header records of its keys' views: the hash of their counts and geometry."""
+    return hashlib.sha256(canonical_json({"views": views, "geometry": geometry}).encode()).hexdigest()
 
 
 def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -277,6 +290,11 @@ def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, "manifest lists a key twice"
     if not isinstance(manifest.get("bytes", 0), int):
         return None, "manifest bytes is not a number"
+    if "views" in manifest:
+        views, geometry = manifest["views"], manifest.get("geometry")
+        if not (isinstance(views, list) and all(isinstance(v, int) and v > 0 for v in views) and len(views) == len(keys)
+                and isinstance(geometry, list) and len(geometry) == len(keys)):
+            return None, "manifest views / geometry do not give one count and one geometry per key"
     return manifest, None
 
 
@@ -294,9 +312,10 @@ def cache_metadata(*, model: str | None, random_init: str | None, seed: int | No
                    weights_sha256: str, tower: str, family: str, image_size: int, preprocess: dict[str, Any],
                    layer: Any, feature: str, pool: str, attn_implementation: str, dtype: torch.dtype, tokens: int,
                    channels: int, shard_size: int, keys: list[str], library_version: str,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything that changes the features or the shard layout. Equal metadata = compatible runs."""
-    return {
+                   extra: dict[str, Any] | None = None, views: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that changes the features or the shard layout. Equal metadata = compatible runs.
+    `views` ({"views": "anyres" | "video", and their settings}) marks a cache of many views per key."""
+    return {**(views or {}),
         "format": FORMAT, "version": VERSION, "library_version": library_version,
         "model": model, "random_init": random_init, "seed": seed, "revision": revision,
         "weights_sha256": weights_sha256, "tower": tower, "family": family, "image_size": image_size,

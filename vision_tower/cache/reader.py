@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ..errors import CacheError
 from .format import (
     FORMAT, file_sha256, keys_sha256, manifest_path, metadata_diff, open_rows, read_header, read_manifest,
-    read_raw_header, shard_header, shard_name, write_json_atomic,
+    read_raw_header, shard_header, shard_name, views_sha256, write_json_atomic,
 )
 
 
@@ -36,6 +36,23 @@ def read_metadata(path: Path) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CacheError(f"{meta_path} is not a {FORMAT} metadata file")
     return metadata
+
+
+def rows_of(manifest: dict[str, Any]) -> int:
+    """Rows a manifest's shard holds: one per key, or each key's views in a cache of many views."""
+    return sum(manifest["views"]) if "views" in manifest else len(manifest["keys"])
+
+
+def views_record(manifest: dict[str, Any]) -> str | None:
+    """The hash a shard's header must record of this manifest's views (None for one view per key)."""
+    return views_sha256(manifest["views"], manifest["geometry"]) if "views" in manifest else None
+
+
+class Views(NamedTuple):
+    """An entry of a cache of many views per key: (views, T, C) features and where they came from."""
+
+    features: torch.Tensor
+    geometry: dict[str, Any]
 
 
 def check_committed(shard_dir: Path, shard: int, planned: list[str], metadata: dict[str, Any]) -> str | None:
@@ -61,11 +78,12 @@ def check_committed(shard_dir: Path, shard: int, planned: list[str], metadata: d
         return str(e)
     if manifest.get("header_sha256") not in (None, hashlib.sha256(h.raw).hexdigest()):
         return "its header does not match its manifest"
-    if h.shape != (len(manifest["keys"]), metadata["tokens"], metadata["channels"]) or \
+    if h.shape != (rows_of(manifest), metadata["tokens"], metadata["channels"]) or \
             h.dtype != getattr(torch, metadata["dtype"]):
         return "its rows are not of the cache's shape and dtype"
-    if h.keys is not None and (h.keys, h.shard) != (manifest["keys"], shard):
-        return "its own record of its keys differs from its manifest"
+    if h.keys is not None and (h.keys, h.shard, h.records.get("views_sha256")) != (
+            manifest["keys"], shard, views_record(manifest)):
+        return "its own record of its keys or views differs from its manifest"
     return None
 
 
@@ -108,9 +126,11 @@ class FeatureCache:
         self.metadata = read_metadata(self.path)
         self._slice = _feature_slice(self.metadata["feature"], feature)
         self.feature = feature or self.metadata["feature"]
+        self.views: str | None = self.metadata.get("views")  # "anyres" / "video": many views (rows) per key
         self.manifests: dict[int, dict[str, Any]] = {}
         self.damaged: dict[int, str] = {}  # shard -> why its manifest cannot be trusted
-        self._where: dict[str, tuple[int, int]] = {}
+        self._where: dict[str, tuple[int, int]] = {}  # key -> (shard, its first row)
+        self._spans: dict[str, tuple[int, dict[str, Any]]] = {}  # many views: key -> (rows, geometry)
         self.failures: dict[str, str] = {}
         for m in sorted((self.path / "shards").glob("shard-*.json")):
             if not m.stem.split("-")[1].isdigit():
@@ -123,8 +143,15 @@ class FeatureCache:
                 self.damaged[shard] = problem
                 continue
             self.manifests[shard] = manifest
-            for row, key in enumerate(manifest["keys"]):
-                self._where[key] = (shard, row)
+            if "views" in manifest:
+                starts = [0]
+                for n, key, geometry in zip(manifest["views"], manifest["keys"], manifest["geometry"], strict=True):
+                    self._where[key] = (shard, starts[-1])
+                    self._spans[key] = (n, geometry)
+                    starts.append(starts[-1] + n)
+            else:
+                for row, key in enumerate(manifest["keys"]):
+                    self._where[key] = (shard, row)
             self.failures.update(manifest["failures"])
         self._rows: dict[int, torch.Tensor] = {}
         self._pid = os.getpid()
@@ -153,8 +180,9 @@ class FeatureCache:
             self._rows, self._pid = {}, os.getpid()
         if shard not in self._rows:
             manifest, m = self.manifests[shard], self.metadata
-            expect = (len(manifest["keys"]), m["tokens"], m["channels"], getattr(torch, m["dtype"]))
-            self._rows[shard] = open_rows(self.path / "shards" / manifest["file"], expect, manifest["keys"])
+            expect = (rows_of(manifest), m["tokens"], m["channels"], getattr(torch, m["dtype"]))
+            self._rows[shard] = open_rows(self.path / "shards" / manifest["file"], expect, manifest["keys"],
+                                          views_record(manifest))
         return self._rows[shard]
 
     def _locate(self, key: str) -> tuple[int, int]:
@@ -167,9 +195,21 @@ class FeatureCache:
                 detail = f" ({len(self.damaged)} damaged shards: `vision-tower verify {self.path}`)"
             raise KeyError(f"{key!r} is not in the cache {self.path}{detail}") from None
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def __getitem__(self, key: str) -> torch.Tensor | Views:
+        """(T, C) features, a view into the page cache; in a cache of many views, `Views((views, T, C),
+        geometry)` (the anyres geometry or the frames a video's views are)."""
         shard, row = self._locate(key)
-        return self._shard_rows(shard)[row, self._slice]  # (T, C), a view into the page cache
+        if key in self._spans:
+            n, geometry = self._spans[key]
+            return Views(self._shard_rows(shard)[row:row + n, self._slice], geometry)
+        return self._shard_rows(shard)[row, self._slice]
+
+    def geometry(self, key: str) -> dict[str, Any]:
+        """Where a key's views came from (caches of many views)."""
+        self._locate(key)
+        if key not in self._spans:
+            raise CacheError(f"{self.path} holds one view per key: it records no geometry")
+        return self._spans[key][1]
 
     def get_many(self, keys: Sequence[str], out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C): each row copied once, straight from the page cache into the batch.
@@ -178,7 +218,14 @@ class FeatureCache:
         kernel zeroes each new page) than in copying. Pass `out`, a (B, T, C) tensor of the cache's dtype
         reused across batches, to skip them: 4-5x faster here. Into `out`, the rows are copied by as many
         threads as torch uses: one core alone does not saturate memory bandwidth (1.04-1.75x on 2 cores,
-        least while other work competes for them)."""
+        least while other work competes for them).
+
+        In a cache of many views per key, entries differ in length: a list of (views_i, T, C) copies
+        (no `out`); `torch.nn.utils.rnn.pad_sequence` pads them into one batch where needed."""
+        if self.views is not None:
+            if out is not None:
+                raise ValueError("get_many(out=) needs one view per key; this cache holds many")
+            return [self[k].features.clone() for k in keys]  # type: ignore[return-value]
         rows = [self._shard_rows(shard)[row, self._slice] for shard, row in map(self._locate, keys)]  # (T, C) views
         if not rows:
             raise ValueError("get_many got no keys")
@@ -230,7 +277,7 @@ class FeatureCache:
             return f"size {path.stat().st_size} != {manifest['bytes']}"
         if "data_sha256" not in manifest:  # the oldest manifests: a hash of the whole file
             return None if file_sha256(path) == manifest["sha256"] else "checksum mismatch"
-        shape = (len(manifest["keys"]), m["tokens"], m["channels"])
+        shape = (rows_of(manifest), m["tokens"], m["channels"])
         try:
             raw = read_raw_header(path)
             if manifest.get("header_sha256") is None:  # shards written before headers recorded their keys
@@ -242,8 +289,9 @@ class FeatureCache:
         except CacheError as e:
             return str(e)
         if manifest.get("header_sha256") is not None:  # the shard's own records, against the manifest and metadata
-            if (h.shard, h.keys, h.shape, h.dtype) != (s, manifest["keys"], shape, getattr(torch, m["dtype"])):
-                return "the shard's own record of its number, keys or shape differs from its manifest"
+            if (h.shard, h.keys, h.shape, h.dtype, h.records.get("views_sha256")) != (
+                    s, manifest["keys"], shape, getattr(torch, m["dtype"]), views_record(manifest)):
+                return "the shard's own record of its number, keys, views or shape differs from its manifest"
             if h.cache is not None and (diff := metadata_diff(h.cache, m)):
                 return f"written under other settings than metadata.json says ({', '.join(diff)})"
         if file_sha256(path, start=h.data_start) != manifest["data_sha256"]:

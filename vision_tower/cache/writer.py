@@ -17,7 +17,7 @@ import torch
 from ..errors import CacheError
 from ..faults import fault_point
 from .format import (
-    ShardWriter, header_reserve, keys_sha256, manifest_path, shard_manifest, shard_name, write_json_atomic,
+    ShardWriter, header_reserve, keys_sha256, manifest_path, shard_manifest, shard_name, views_sha256, write_json_atomic,
 )
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -52,6 +52,7 @@ class CacheWriter:
         self.shards: dict[int, tuple[threading.Thread, queue.SimpleQueue]] = {}
         self.error: BaseException | None = None
         self.aborting = False
+        self.multi_view: bool | None = None  # many views per key (anyres, video): set by the first rows
         self.rejected: dict[str, str] = {}  # keys whose rows held NaN / inf, and were not written
 
     def start(self, shard: int, planned: list[str]) -> None:
@@ -67,19 +68,25 @@ class CacheWriter:
         self.shards[shard] = (thread, q)
 
     def rows(self, shard: int, rows: torch.Tensor, keys: list[str], copied: Any = None,
-             finite: torch.Tensor | None = None) -> None:
-        """Queue (b, T, C) rows and their b keys for `shard`. On CUDA, `copied` is the event of their
-        device-to-host copy and `finite` a (b,) mask of rows free of NaN / inf computed on the device
-        (it is computed here otherwise)."""
-        if rows.shape[0] != len(keys):
-            raise CacheError(f"{rows.shape[0]} rows for {len(keys)} keys")
+             finite: torch.Tensor | None = None, views: list[int] | None = None,
+             geometry: list[dict[str, Any]] | None = None) -> None:
+        """Queue (b, T, C) rows and their keys for `shard`: one row per key, or with `views` (a cache of
+        many views per key) views[i] consecutive rows for key i, and its `geometry`. On CUDA, `copied` is
+        the event of their device-to-host copy and `finite` a (b,) mask of rows free of NaN / inf
+        computed on the device (it is computed here otherwise)."""
+        if self.multi_view is not None and self.multi_view != (views is not None):
+            raise CacheError("a cache holds one view per key or many, not both")
+        self.multi_view = views is not None
+        if rows.shape[0] != (sum(views) if views is not None else len(keys)) or \
+                (views is not None and (len(views) != len(keys) or geometry is None or len(geometry) != len(keys))):
+            raise CacheError(f"{rows.shape[0]} rows for {len(keys)} keys" + (f" of {views} views" if views else ""))
         with self.budget:
             while self.queued and self.queued + rows.nbytes > self.max_bytes:
                 self.budget.wait(timeout=0.5)
                 self._raise_if_failed()
             self.queued += rows.nbytes
         self._raise_if_failed()
-        self._queue(shard).put(("rows", rows, list(keys), copied, finite))
+        self._queue(shard).put(("rows", rows, list(keys), copied, finite, views, geometry))
 
     def finish(self, shard: int, failures: dict[str, str]) -> None:
         """No more rows for `shard`: close it and commit its manifest. `failures`: its other keys -> why."""
@@ -120,26 +127,35 @@ class CacheWriter:
     def _write_shard(self, shard: int, planned: list[str], q: queue.SimpleQueue) -> None:
         writer: ShardWriter | None = None
         keys: list[str] = []
+        views: list[int] = []
+        geometry: list[dict[str, Any]] = []
         failures: dict[str, str] = {}
         try:
             while (item := q.get()) is not None and not self.aborting:
                 kind, *rest = item
                 if kind == "finish":
-                    self._commit(shard, planned, writer, keys, {**failures, **rest[0]})
+                    index = (views, geometry) if self.multi_view else None
+                    self._commit(shard, planned, writer, keys, {**failures, **rest[0]}, index)
                     return
-                rows, batch_keys, copied, finite = rest
+                rows, batch_keys, copied, finite, batch_views, batch_geometry = rest
                 if copied is not None:
                     copied.synchronize()  # the asynchronous device-to-host copy has landed
-                ok = (torch.isfinite(rows).flatten(1).all(1) if finite is None else finite).tolist()
+                row_ok = (torch.isfinite(rows).flatten(1).all(1) if finite is None else finite).tolist()
+                counts = batch_views or [1] * len(batch_keys)
+                bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+                ok = [all(row_ok[bounds[i]:bounds[i + 1]]) for i in range(len(counts))]  # every view of a key
+                nbytes = rows.nbytes
                 if not all(ok):
                     rejected = {k: _NON_FINITE.format(self.dtype) for k, good in zip(batch_keys, ok) if not good}
                     failures |= rejected
                     with self.budget:
                         self.rejected |= rejected
-                    nbytes, rows = rows.nbytes, rows[torch.tensor(ok)]
+                    keep = [r for i, good in enumerate(ok) if good for r in range(bounds[i], bounds[i + 1])]
+                    rows = rows[torch.tensor(keep, dtype=torch.long)]
                     batch_keys = [k for k, good in zip(batch_keys, ok) if good]
-                else:
-                    nbytes = rows.nbytes
+                    if batch_views is not None:
+                        batch_views = [v for v, good in zip(batch_views, ok) if good]
+                        batch_geometry = [g for g, good in zip(batch_geometry, ok) if good]
                 if len(rows):
                     if writer is None:
                         reserve = header_reserve(planned, *self.shape, self.dtype, shard, self.metadata)
@@ -147,6 +163,9 @@ class CacheWriter:
                                              reserve)
                     writer.write(rows)
                     keys += batch_keys
+                    if batch_views is not None:
+                        views += batch_views
+                        geometry += batch_geometry
                 with self.budget:
                     self.queued -= nbytes
                     self.budget.notify_all()
@@ -160,18 +179,20 @@ class CacheWriter:
             writer.abort()
 
     def _commit(self, shard: int, planned: list[str], writer: ShardWriter | None, keys: list[str],
-                failures: dict[str, str]) -> None:
+                failures: dict[str, str], index: tuple[list[int], list[dict[str, Any]]] | None = None) -> None:
         if len(keys) + len(failures) != len(planned) or (set(keys) | set(failures)) != set(planned):
             raise CacheError(f"{shard_name(shard)}: {len(keys)} keys and {len(failures)} failures do not account for "
                              f"the {len(planned)} planned keys")
         digest = header = None
         nbytes, file = 0, None
+        views, geometry = index if index is not None else (None, None)
         if writer is not None:
-            digest, header, nbytes = writer.close(shard=shard, keys=keys, cache=self.metadata)
+            vouch = views_sha256(views, geometry) if index is not None else None
+            digest, header, nbytes = writer.close(shard=shard, keys=keys, cache=self.metadata, views=vouch)
             file = writer.final.name
         fault_point("manifest", shard)
-        write_json_atomic(manifest_path(self.dir, shard),
-                          shard_manifest(shard, file, keys, failures, digest, nbytes, header, keys_sha256(planned)))
+        write_json_atomic(manifest_path(self.dir, shard), shard_manifest(
+            shard, file, keys, failures, digest, nbytes, header, keys_sha256(planned), views, geometry))
 
 
 def clean_shard(shard_dir: Path, shard: int) -> None:
