@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_extract)
 
     a = sub.add_parser("align", help="projector pre-alignment (LLaVA stage 1), from a cache or online")
-    a.add_argument("--data", required=True, help="LLaVA-Pretrain JSON (or Prismatic chat.json)")
+    a.add_argument("--data", help="LLaVA-Pretrain JSON (or Prismatic chat.json); not needed with a --cache "
+                                  "extracted from WebDataset shards (their captions are in it)")
     a.add_argument("--llm", required=True, help="causal LM: local directory or Hub id")
     a.add_argument("--out", required=True)
     a.add_argument("--cache", help="feature cache from `vision-tower extract`")

@@ -28,13 +28,14 @@ from .cache import (
     manifest_path, shard_name,
 )
 from .checkpoints import state_dict_sha256
-from .data import IMAGE_SUFFIXES, list_keys, resolve_key, safe_path  # noqa: F401  (safe_path: imported from here before)
+from .data import IMAGE_SUFFIXES, list_keys, safe_path  # noqa: F401  (list_keys, safe_path: imported from here before)
 from .distributed import dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
 from .errors import ConfigError, ImageLoadError, Interrupted, Terminated
 from .anyres import CONVENTIONS, default_pinpoints, preprocess_anyres
 from .pooling import pool_tokens
 from .preprocess import Mode, load_image
 from .tower import VisionTower, build_tower
+from .sources import TarSource, open_source
 from .version import __version__
 from .video import VIDEO_SUFFIXES, preprocess_video
 
@@ -123,8 +124,8 @@ class _Images(Dataset):
     checks, stat, open, decode, the bounded preprocessing) happens inside this guard, so one key never
     stops a run. Geometry is None unless `prep` gives many views per key."""
 
-    def __init__(self, root: Path, keys: Sequence[str], prep: Callable[[Path], torch.Tensor]) -> None:
-        self.root, self.keys, self.prep = root, keys, prep
+    def __init__(self, source: Any, keys: Sequence[str], prep: Callable[[Any], torch.Tensor]) -> None:
+        self.source, self.keys, self.prep = source, keys, prep
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -132,7 +133,7 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, dict[str, Any] | None]:
         key = self.keys[i]
         try:
-            out = self.prep(resolve_key(self.root, key))
+            out = self.prep(self.source.open(key))
             if isinstance(out, tuple):  # many views: (pixels, geometry)
                 return i, out[0], None, out[1]
             return i, out, None, None
@@ -186,7 +187,7 @@ def _pool_fn(pool: str, num_prefix_tokens: int) -> Callable[[torch.Tensor], torc
 
 
 def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], tokens: int, channels: int,
-                 views: dict[str, Any] | None = None) -> dict[str, Any]:
+                 layout: dict[str, Any] | None = None) -> dict[str, Any]:
     """This run's cache metadata: what `cache_metadata` records, filled in from the config and the tower."""
     configs = tower.transform(alpha=cfg.alpha, exif=cfg.exif).configs  # one per part of a fused tower
     return cache_metadata(
@@ -197,7 +198,7 @@ def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], to
         layer=tower.select_layer, feature=tower.select_feature, pool=cfg.pool,
         attn_implementation=cfg.attn_implementation or "sdpa", dtype=tower.dtype, tokens=tokens, channels=channels,
         shard_size=cfg.shard_size, keys=list(keys), library_version=__version__, extra=cfg.extra_metadata,
-        views=views)
+        views=layout)
 
 
 def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
@@ -216,15 +217,15 @@ def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | Non
     return host, copied, host_finite
 
 
-def _plan(shard_dir: Path, keys: list[str], shard_size: int, rank: int, world: int,
+def _plan(shard_dir: Path, keys: list[str], bounds: list[int], groups: list[int], rank: int, world: int,
           metadata: dict[str, Any]) -> tuple[list[int], int]:
-    """(this rank's shards to write, how many it already has). A committed shard is kept only if it
-    passes the cheap checks (`check_committed`); one that does not is removed and written again."""
-    n_shards = (len(keys) + shard_size - 1) // shard_size
+    """(this rank's shards to write, how many it already has): shard s holds keys[bounds[s]:bounds[s + 1]]
+    and belongs to rank groups[s] % world (a tar's shards to one rank). A committed shard is kept only if
+    it passes the cheap checks (`check_committed`); one that does not is removed and written again."""
     pending, done = [], 0
-    for s in range(rank, n_shards, world):
+    for s in (s for s in range(len(bounds) - 1) if groups[s] % world == rank):
         if manifest_path(shard_dir, s).exists():
-            problem = check_committed(shard_dir, s, keys[s * shard_size:(s + 1) * shard_size], metadata)
+            problem = check_committed(shard_dir, s, keys[bounds[s]:bounds[s + 1]], metadata)
             if problem is None:
                 done += 1
                 continue
@@ -242,10 +243,14 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     rank, world, local_rank = dist_env()
     check_config(cfg)
     device = resolve_device(cfg.device, local_rank)
-    root, out = Path(cfg.images), Path(cfg.out)
-    keys = list_keys(root, cfg.list, *((VIDEO_SUFFIXES, "video") if cfg.views == "video" else ()))
+    out = Path(cfg.out)
+    video = cfg.views == "video"
+    source = open_source(cfg.images, cfg.list, VIDEO_SUFFIXES if video else IMAGE_SUFFIXES, "video" if video else "image")
+    keys = source.keys
     if not keys:
-        raise ConfigError(f"no images found under {root}" + (f" from {cfg.list}" if cfg.list else ""))
+        raise ConfigError(f"no {'videos' if video else 'images'} found in {cfg.images}"
+                          + (f" from {cfg.list}" if cfg.list else ""))
+    bounds, groups = source.shard_plan(cfg.shard_size)
     if tower is None:
         tower = build_tower(model=cfg.model, random_init=cfg.random_init, seed=cfg.seed, select_layer=cfg.layer,
                             select_feature=cfg.feature, dtype=cfg.dtype, device=device,
@@ -267,14 +272,16 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    meta = run_metadata(cfg, tower, keys, tokens, channels, prep.settings() if cfg.views else None)
+    layout = {**(prep.settings() if cfg.views else {}),
+              **({"shard_bounds": bounds} if isinstance(source, TarSource) else {})}
+    meta = run_metadata(cfg, tower, keys, tokens, channels, layout)
     check_or_write_metadata(out, meta)
     with RankLock(out, rank, world):
-        pending, done = _plan(shard_dir, keys, cfg.shard_size, rank, world, meta)
+        pending, done = _plan(shard_dir, keys, bounds, groups, rank, world, meta)
         result = ExtractResult(skipped_shards=done)
         writer = CacheWriter(shard_dir, tokens, channels, tower.dtype, max_bytes=cfg.queue_mb << 20, metadata=meta)
         try:
-            _run(cfg, tower, root, keys, prep, pool, pending, writer, result, rank, world)
+            _run(cfg, tower, source, keys, bounds, prep, pool, pending, writer, result, rank, world)
         except KeyboardInterrupt as e:
             writer.abort()
             code = 143 if isinstance(e, Terminated) else 130
@@ -296,29 +303,28 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     return result
 
 
-def _run(cfg: ExtractConfig, tower: VisionTower, root: Path, keys: list[str], prep: Callable, pool: Callable | None,
-         pending: list[int], writer: CacheWriter, result: ExtractResult, rank: int, world: int) -> None:
+def _run(cfg: ExtractConfig, tower: VisionTower, source: Any, keys: list[str], bounds: list[int], prep: Callable,
+         pool: Callable | None, pending: list[int], writer: CacheWriter, result: ExtractResult, rank: int,
+         world: int) -> None:
     """Decode in DataLoader workers, run the tower, hand rows to the writer; batches never cross a
     shard boundary, so every attempt computes the same batches."""
     from tqdm import tqdm
 
-    S = cfg.shard_size
-    batches = [list(range(lo, min(lo + cfg.batch_size, hi)))
-               for s in pending
-               for lo, hi in [(s * S, min((s + 1) * S, len(keys)))]
-               for lo in range(lo, hi, cfg.batch_size)]
-    loader = DataLoader(_Images(root, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
+    batches = [list(range(lo, min(lo + cfg.batch_size, bounds[s + 1])))
+               for s in pending for lo in range(bounds[s], bounds[s + 1], cfg.batch_size)]
+    shard_of = {i: s for s in pending for i in range(bounds[s], bounds[s + 1])}
+    loader = DataLoader(_Images(source, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
                         collate_fn=_collate, pin_memory=tower.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
     shard_fail: dict[int, dict[str, str]] = {}
-    remaining = {s: min((s + 1) * S, len(keys)) - s * S for s in pending}
+    remaining = {s: bounds[s + 1] - bounds[s] for s in pending}
     bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"extract{f' rank {rank}' if world > 1 else ''}",
                disable=not cfg.progress)
     try:
         for batch in loader:
-            shard = batch["index"][0] // S
-            if remaining[shard] == min((shard + 1) * S, len(keys)) - shard * S:  # the shard's first batch
-                writer.start(shard, keys[shard * S:(shard + 1) * S])
+            shard = shard_of[batch["index"][0]]
+            if remaining[shard] == bounds[shard + 1] - bounds[shard]:  # the shard's first batch
+                writer.start(shard, keys[bounds[shard]:bounds[shard + 1]])
             for i, err in batch["errors"]:
                 shard_fail.setdefault(shard, {})[keys[i]] = err
                 result.failures[keys[i]] = err
@@ -332,7 +338,8 @@ def _run(cfg: ExtractConfig, tower: VisionTower, root: Path, keys: list[str], pr
                             batch["geometry"])
             remaining[shard] -= len(batch["index"])
             if remaining[shard] == 0:
-                writer.finish(shard, shard_fail.pop(shard, {}))
+                captions = {k: source.captions[k] for k in keys[bounds[shard]:bounds[shard + 1]] if k in source.captions}
+                writer.finish(shard, shard_fail.pop(shard, {}), captions)
                 result.written_shards += 1
             result.done += len(batch["ok"])
             result.failed += len(batch["errors"])

@@ -14,6 +14,7 @@ checkpoint expects. Four modes:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -129,20 +130,22 @@ def load_image(image: ImageInput, alpha: Alpha = "drop", exif: bool = False) -> 
     processors); `exif=True` applies the EXIF orientation. 16-bit images are scaled to 8 bits.
     Raises `ImageLoadError` naming the input.
     """
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, io.IOBase)):  # a path, or an open file (a tar member's bytes)
+        name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else getattr(image, "name", "an image file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(image) as im:
                     if im.width * im.height > MAX_PIXELS:
-                        raise ImageLoadError(f"image {os.fspath(image)!r} is {im.width}x{im.height}, over the "
+                        raise ImageLoadError(f"image {name!r} is {im.width}x{im.height}, over the "
                                              f"{MAX_PIXELS}-pixel limit (decompression-bomb guard); not decoded")
                     im.load()  # decode now, so truncated files fail here with their name
                     return _to_rgb(ImageOps.exif_transpose(im) if exif else im, alpha)
         except ImageLoadError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise ImageLoadError(f"cannot read image {os.fspath(image)!r}: {e}") from e
+            detail = str(e).replace(repr(image), "it")  # PIL names a file object by its repr (an address)
+            raise ImageLoadError(f"cannot read image {name!r}: {detail}") from e
     if isinstance(image, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(image) if exif else image, alpha)
     if isinstance(image, torch.Tensor):

@@ -13,6 +13,7 @@ Samplers, for a video of `total` frames:
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence
@@ -87,16 +88,18 @@ class VideoClip:
     geometry: VideoGeometry
 
 
-def decode_frames(path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None,
+def decode_frames(path: str | os.PathLike | io.IOBase, num_frames: int | None = None, fps: float | None = None,
                   sampler: Sampler = "llava-next", force_sample: bool = True) -> tuple[np.ndarray, VideoGeometry]:
-    """The sampled frames of a video file as (T, H, W, 3) uint8, decoded once, keeping only those frames."""
+    """The sampled frames of a video file (a path, or an open file such as a tar member's bytes) as
+    (T, H, W, 3) uint8, decoded once, keeping only those frames."""
     try:
         import av
     except ImportError:
         raise ConfigError("reading videos needs PyAV: pip install 'vision-tower[video]'") from None
-    name = os.fspath(path)
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "a video file")
+    source = path if isinstance(path, io.IOBase) else name
     try:
-        with av.open(name) as container:
+        with av.open(source) as container:
             if not container.streams.video:
                 raise ImageLoadError(f"{name!r} holds no video stream")
             stream = container.streams.video[0]
@@ -104,7 +107,7 @@ def decode_frames(path: str | os.PathLike, num_frames: int | None = None, fps: f
             if stream.width * stream.height > MAX_PIXELS:
                 raise ImageLoadError(f"{name!r} is {stream.width}x{stream.height}, over the {MAX_PIXELS}-pixel bound")
             video_fps = float(stream.average_rate) if stream.average_rate else None
-            total = stream.frames or _count_frames(name)
+            total = stream.frames or _count_frames(source)
             indices = frame_indices(total, num_frames, fps, video_fps, sampler, force_sample)
             wanted, frames = set(indices), {}
             for i, frame in enumerate(container.decode(stream)):
@@ -124,21 +127,25 @@ def decode_frames(path: str | os.PathLike, num_frames: int | None = None, fps: f
     return np.stack([frames[i] for i in indices]), geometry
 
 
-def _count_frames(name: str) -> int:
+def _count_frames(source: str | io.IOBase) -> int:
     """Frames of a stream whose header does not say, by demuxing it (no decoding)."""
     import av
 
-    with av.open(name) as container:
+    if isinstance(source, io.BytesIO):  # its own reader: the caller's container is reading the same buffer
+        source = io.BytesIO(source.getvalue())
+    elif isinstance(source, io.IOBase):
+        source = source.name
+    with av.open(source) as container:
         return sum(1 for p in container.demux(container.streams.video[0]) if p.size)
 
 
-def preprocess_video(video: str | os.PathLike | np.ndarray | torch.Tensor | Sequence[Any],
+def preprocess_video(video: str | os.PathLike | io.IOBase | np.ndarray | torch.Tensor | Sequence[Any],
                      configs: Sequence[PreprocessConfig], num_frames: int | None = None, fps: float | None = None,
                      video_fps: float | None = None, sampler: Sampler = "llava-next",
                      force_sample: bool = True) -> VideoClip:
     """A video file, or its decoded frames ((T, H, W, C) array / tensor or a list of images), sampled and
     each frame preprocessed as an image: (frames, 3 * parts, S, S) and which frames they are."""
-    if isinstance(video, (str, os.PathLike)):
+    if isinstance(video, (str, os.PathLike, io.IOBase)):
         frames, geometry = decode_frames(video, num_frames, fps, sampler, force_sample)
     else:
         all_frames = as_frames(video)

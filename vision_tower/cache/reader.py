@@ -130,6 +130,7 @@ class FeatureCache:
         self.manifests: dict[int, dict[str, Any]] = {}
         self.damaged: dict[int, str] = {}  # shard -> why its manifest cannot be trusted
         self._where: dict[str, tuple[int, int]] = {}  # key -> (shard, its first row)
+        self.captions: dict[str, str] = {}  # WebDataset sources: the captions beside the images
         self._spans: dict[str, tuple[int, dict[str, Any]]] = {}  # many views: key -> (rows, geometry)
         self.failures: dict[str, str] = {}
         for m in sorted((self.path / "shards").glob("shard-*.json")):
@@ -153,6 +154,7 @@ class FeatureCache:
                 for row, key in enumerate(manifest["keys"]):
                     self._where[key] = (shard, row)
             self.failures.update(manifest["failures"])
+            self.captions.update(manifest.get("captions") or {})
         self._rows: dict[int, torch.Tensor] = {}
         self._pid = os.getpid()
 
@@ -246,23 +248,30 @@ class FeatureCache:
     @property
     def expected_shards(self) -> int:
         """How many shards the run's key list implies."""
+        if "shard_bounds" in self.metadata:  # planned per tar (WebDataset sources)
+            return len(self.metadata["shard_bounds"]) - 1
         return -(-self.metadata["num_keys"] // self.metadata["shard_size"])
+
+    def planned_keys(self, shard: int) -> int:
+        """How many keys shard `shard` was planned to account for."""
+        m = self.metadata
+        if "shard_bounds" in m:
+            return m["shard_bounds"][shard + 1] - m["shard_bounds"][shard]
+        return min(m["shard_size"], m["num_keys"] - shard * m["shard_size"])
 
     def verify(self) -> dict[str, str]:
         """Check every shard the key list implies: present, its manifest consistent with the shard's own
         record (number, keys, row count, dtype, the metadata it was written under) and its rows' hash.
         Returns {shard file: problem}; empty means the cache is complete and intact."""
-        m = self.metadata
         bad = {f"{shard_name(s)}.json": problem for s, problem in self.damaged.items()}
         for s in range(self.expected_shards):
             if s not in self.manifests and s not in self.damaged:
                 bad[f"{shard_name(s)}.json"] = "missing: not extracted (yet); run the extraction again to finish it"
         for s, manifest in self.manifests.items():
-            planned = min(m["shard_size"], m["num_keys"] - s * m["shard_size"])
             name = manifest["file"] or f"{shard_name(s)}.json"
             if s >= self.expected_shards:
                 bad[name] = f"shard {s} is beyond the {self.expected_shards} shards of the key list"
-            elif len(manifest["keys"]) + len(manifest["failures"]) != planned:
+            elif len(manifest["keys"]) + len(manifest["failures"]) != (planned := self.planned_keys(s)):
                 bad[name] = f"holds {len(manifest['keys'])} keys and {len(manifest['failures'])} failures, not {planned}"
             elif manifest["file"] is not None and (problem := self._check_shard(s, manifest)):
                 bad[name] = problem
@@ -352,8 +361,8 @@ def inspect_cache(path: str | os.PathLike) -> str:
     cache = FeatureCache(path)
     m = cache.metadata
     lines = [f"{path}: {len(cache)} features, {len(cache.failures)} failed, {len(cache.manifests)} shards "
-             f"(of {-(-m['num_keys'] // m['shard_size'])})"]
-    lines += [f"  {k}: {v}" for k, v in m.items() if k != "preprocess"]
+             f"(of {cache.expected_shards})" + (f", {len(cache.captions)} captions" if cache.captions else "")]
+    lines += [f"  {k}: {v}" for k, v in m.items() if k not in ("preprocess", "shard_bounds")]
     lines.append(f"  preprocess: {json.dumps(m['preprocess'])}")
     for key, reason in list(cache.failures.items())[:20]:
         lines.append(f"  failed {key}: {reason}")

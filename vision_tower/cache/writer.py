@@ -88,10 +88,11 @@ class CacheWriter:
         self._raise_if_failed()
         self._queue(shard).put(("rows", rows, list(keys), copied, finite, views, geometry))
 
-    def finish(self, shard: int, failures: dict[str, str]) -> None:
-        """No more rows for `shard`: close it and commit its manifest. `failures`: its other keys -> why."""
+    def finish(self, shard: int, failures: dict[str, str], captions: dict[str, str] | None = None) -> None:
+        """No more rows for `shard`: close it and commit its manifest. `failures`: its other keys -> why;
+        `captions`: its keys' captions, kept in the manifest (WebDataset sources)."""
         self._raise_if_failed()
-        self._queue(shard).put(("finish", dict(failures)))
+        self._queue(shard).put(("finish", dict(failures), captions))
 
     def close(self) -> None:
         """Wait for every shard; shards never finished (the caller failed) are discarded."""
@@ -135,7 +136,7 @@ class CacheWriter:
                 kind, *rest = item
                 if kind == "finish":
                     index = (views, geometry) if self.multi_view else None
-                    self._commit(shard, planned, writer, keys, {**failures, **rest[0]}, index)
+                    self._commit(shard, planned, writer, keys, {**failures, **rest[0]}, index, rest[1])
                     return
                 rows, batch_keys, copied, finite, batch_views, batch_geometry = rest
                 if copied is not None:
@@ -179,7 +180,8 @@ class CacheWriter:
             writer.abort()
 
     def _commit(self, shard: int, planned: list[str], writer: ShardWriter | None, keys: list[str],
-                failures: dict[str, str], index: tuple[list[int], list[dict[str, Any]]] | None = None) -> None:
+                failures: dict[str, str], index: tuple[list[int], list[dict[str, Any]]] | None = None,
+                captions: dict[str, str] | None = None) -> None:
         if len(keys) + len(failures) != len(planned) or (set(keys) | set(failures)) != set(planned):
             raise CacheError(f"{shard_name(shard)}: {len(keys)} keys and {len(failures)} failures do not account for "
                              f"the {len(planned)} planned keys")
@@ -191,8 +193,11 @@ class CacheWriter:
             digest, header, nbytes = writer.close(shard=shard, keys=keys, cache=self.metadata, views=vouch)
             file = writer.final.name
         fault_point("manifest", shard)
-        write_json_atomic(manifest_path(self.dir, shard), shard_manifest(
-            shard, file, keys, failures, digest, nbytes, header, keys_sha256(planned), views, geometry))
+        manifest = shard_manifest(shard, file, keys, failures, digest, nbytes, header, keys_sha256(planned), views,
+                                  geometry)
+        if captions:
+            manifest["captions"] = captions
+        write_json_atomic(manifest_path(self.dir, shard), manifest)
 
 
 def clean_shard(shard_dir: Path, shard: int) -> None:

@@ -52,7 +52,7 @@ IGNORE_INDEX = -100
 class AlignConfig:
     """One stage-1 run; `vision-tower align` parses its arguments into this."""
 
-    data: str  # LLaVA-Pretrain JSON (or Prismatic chat.json: the same records)
+    data: str | None  # LLaVA-Pretrain JSON (or Prismatic chat.json); None: the captions a WebDataset cache holds
     llm: str  # path or Hub id of a causal LM (AutoModelForCausalLM + AutoTokenizer)
     out: str
     cache: str | None = None  # features from `vision-tower extract`
@@ -116,6 +116,14 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, str]]:
     if not out:
         raise AlignError(f"--data {path} has no records with an image and a gpt caption")
     return out
+
+
+def cache_records(cfg: AlignConfig, cache: FeatureCache | None) -> list[tuple[str, str]]:
+    """(key, caption) pairs from the captions a cache of WebDataset shards keeps beside its keys."""
+    if cache is None or not cache.captions:
+        raise AlignError("--data is needed (a LLaVA JSON) unless --cache holds captions, as a cache extracted "
+                         "from WebDataset tar shards does")
+    return [(k, cache.captions[k]) for k in cache.keys() if k in cache.captions]
 
 
 class AlignDataset(Dataset):
@@ -262,6 +270,9 @@ def vision_source(cfg: AlignConfig) -> tuple[FeatureCache | None, VisionTower | 
             cache = FeatureCache(cfg.cache, feature=cfg.feature)
         except CacheError as e:
             raise AlignError(f"--cache {cfg.cache}: {e}") from e
+        if cache.views is not None:
+            raise AlignError(f"--cache {cfg.cache} holds {cache.views} views (many per input); stage-1 alignment "
+                             "trains on one view per image: extract without --anyres / --video")
         if cache.metadata["layer"] != cfg.layer:
             raise AlignError(f"--cache {cfg.cache} holds layer {cache.metadata['layer']}, not --layer {cfg.layer}; "
                              "extract that layer or pass the cache's")
@@ -361,7 +372,8 @@ def run_fingerprint(cfg: AlignConfig, cache: FeatureCache | None) -> dict[str, A
     the starting projector and every hyper-parameter that changes the result. Not the process count,
     micro batch or anything else a resumed run may change."""
     fp: dict[str, Any] = {k: getattr(cfg, k) for k in _TRAJECTORY}
-    fp["data_sha256"] = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
+    data = Path(cfg.data).read_bytes() if cfg.data is not None else json.dumps(cache.captions, sort_keys=True).encode()
+    fp["data_sha256"] = hashlib.sha256(data).hexdigest()
     if cache is not None:
         m = cache.metadata
         fp["vision"] = {k: m.get(k) for k in ("tower", "weights_sha256", "layer", "feature", "pool", "dtype",
@@ -471,8 +483,10 @@ def _prepare(cfg: AlignConfig) -> _Run:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    records = read_records(cfg.data)
+    records = read_records(cfg.data) if cfg.data is not None else None  # a bad JSON fails before any loading
     cache, tower = vision_source(cfg)
+    if records is None:
+        records = cache_records(cfg, cache)
     fingerprint = run_fingerprint(cfg, cache)
     claim_out(cfg, fingerprint, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has checked --out before anything is written into it
