@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers as tf
+from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import vlm_image_features
@@ -19,7 +20,7 @@ TEXT = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_lay
             num_key_value_heads=4)
 
 
-def make(kind):
+def make(kind, image_size=28):
     """A tiny transformers VLM of `kind`, as its class builds it (skipped where this transformers lacks it)."""
     names = {"llava": ("LlavaForConditionalGeneration", "LlavaConfig"),
              "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextConfig"),
@@ -30,22 +31,23 @@ def make(kind):
         pytest.skip(f"transformers {tf.__version__} has no {names[0]}")
     model_cls, config_cls = getattr(tf, names[0]), getattr(tf, names[1])
     common = dict(vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = {**VISION, "image_size": image_size}
     if kind == "llava":
-        cfg = config_cls(vision_config=tf.CLIPVisionConfig(**VISION), text_config=tf.LlamaConfig(**TEXT),
+        cfg = config_cls(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**TEXT),
                          image_token_index=127, **common)
     elif kind == "llava_next":
-        cfg = config_cls(vision_config=tf.CLIPVisionConfig(**VISION), text_config=tf.LlamaConfig(**TEXT),
+        cfg = config_cls(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**TEXT),
                          image_token_index=127, image_grid_pinpoints=[[28, 56], [56, 28]],
                          vision_feature_layer=-1, vision_feature_select_strategy="full")
     elif kind == "llava_next_video":
-        cfg = config_cls(vision_config=tf.CLIPVisionConfig(**VISION), text_config=tf.LlamaConfig(**TEXT),
+        cfg = config_cls(vision_config=tf.CLIPVisionConfig(**vision), text_config=tf.LlamaConfig(**TEXT),
                          image_token_index=127, video_token_index=126, image_grid_pinpoints=[[28, 56]], **common)
     elif kind == "llava_onevision":  # its SigLIP is saved truncated; all tokens of the last state
-        cfg = config_cls(vision_config=tf.SiglipVisionConfig(**VISION), text_config=tf.Qwen2Config(**TEXT),
+        cfg = config_cls(vision_config=tf.SiglipVisionConfig(**vision), text_config=tf.Qwen2Config(**TEXT),
                          image_token_index=127, video_token_index=126, image_grid_pinpoints=[[28, 56]],
                          vision_feature_layer=-1, vision_feature_select_strategy="full")
     else:
-        cfg = config_cls(vision_config=tf.SiglipVisionConfig(**VISION, projection_dim=48),
+        cfg = config_cls(vision_config=tf.SiglipVisionConfig(**vision, projection_dim=48),
                          text_config=tf.GemmaConfig(**TEXT, head_dim=12), image_token_index=127, projection_dim=48)
     torch.manual_seed(0)
     return model_cls(cfg).eval()
@@ -76,6 +78,35 @@ def test_the_tower_of_a_transformers_llava_checkpoint(tmp_path, kind, layer, fea
             projector = Projector.from_hf_llava(tmp_path)
             assert (projector.select_layer, projector.select_feature) == (-2, "patch")
             torch.testing.assert_close(projector(tower(x)), vlm_image_features(model, x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind, expect", [
+    ("llava_next_video", {"stride": 2, "mode": "average", "after_projector": False}),  # LlavaNextVideoPooler
+    ("llava_onevision", {"stride": 2, "mode": "bilinear", "after_projector": True}),  # apply_pooling
+])
+def test_video_features_equal_the_models_get_video_features(tmp_path, kind, expect):
+    """Frames through our tower, pooled where the checkpoint pools (`video_defaults`), and its projector:
+    the model's own `get_video_features` on the same frames (a 4x4 grid pooled to 2x2 per frame)."""
+    from vision_tower.pooling import pool_tokens
+
+    model = make(kind, image_size=56)
+    model.save_pretrained(tmp_path)
+    tower, projector = VisionTower.from_pretrained(tmp_path), Projector.from_hf_llava(tmp_path)
+    assert tower.video_defaults == expect
+    pool = lambda x: pool_tokens(x, tower.video_defaults["stride"], tower.video_defaults["mode"])  # noqa: E731
+    frames = torch.randn(2, 3, 3, 56, 56, generator=torch.Generator().manual_seed(2))  # (videos, frames, 3, S, S)
+    inner = getattr(model, "model", model)
+    with torch.no_grad():
+        out = inner.get_video_features(pixel_values_videos=frames, vision_feature_layer=model.config.vision_feature_layer,
+                                       vision_feature_select_strategy=model.config.vision_feature_select_strategy)
+        ref = getattr(out, "pooler_output", out)
+        feats = tower(frames.flatten(0, 1))  # (videos * frames, 16, C)
+        ours = projector(pool(feats)) if not expect["after_projector"] else pool(projector(feats))
+        ours = ours.unflatten(0, (2, 3)).flatten(1, 2)  # (videos, frames * 4, D)
+        if kind == "llava_onevision":  # OneVision ends each video with its image_newline
+            ours = torch.cat([ours, inner.image_newline.expand(2, 1, -1)], dim=1)
+    assert ours.shape[1] == 3 * 4 + (kind == "llava_onevision")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
 def test_paligemmas_tower_gives_its_last_hidden_state_and_projector(tmp_path):
@@ -138,6 +169,22 @@ def test_a_frozen_tower_llava_checkpoint_gives_its_mm_vision_tower(tmp_path, cli
         torch.testing.assert_close(tower(x), ref(pixel_values=x, output_hidden_states=True).hidden_states[-1][:, 1:],
                                    atol=1e-5, rtol=0)
     assert Projector.from_llava(tmp_path / "llava").kind == "mlp2x_gelu"
+
+
+def test_a_llava_onevision_style_checkpoint_states_its_tiles_and_video_pooling(tmp_path, clip_vision_dir):
+    """LLaVA-NeXT's own config: anyres_max_9 with pinpoint ranges as OneVision writes them, read as (W, H),
+    and frames pooled after the projector (`get_2dPool`, stride 2) in mm_spatial_pool_mode."""
+    tower_dir, _ = clip_vision_dir
+    tower = VisionTower.from_pretrained(llava_dir(
+        tmp_path, tower_dir, image_aspect_ratio="anyres_max_9", image_grid_pinpoints="(1x1),...,(2x2)",
+        mm_patch_merge_type="spatial_unpad", mm_spatial_pool_mode="bilinear"))
+    assert tower.anyres_defaults == {"grid_pinpoints": "(1x1),...,(2x2)", "convention": "llava-next",
+                                     "max_num_patches": 9}
+    assert tower.video_defaults == {"stride": 2, "mode": "bilinear", "after_projector": True}
+    image = Image.new("RGB", (60, 30), (200, 10, 10))
+    (views,) = tower.preprocess_anyres([image])
+    assert (views.geometry.best_width, views.geometry.best_height) == (56, 28)  # pinpoints 1..2 x 28, (W, H)
+    assert views.pixels.shape == (3, 3, 28, 28)  # the base view and two tiles
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])

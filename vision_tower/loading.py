@@ -165,6 +165,11 @@ def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, f
         defaults |= {"grid_pinpoints": cfg["image_grid_pinpoints"], "convention": "transformers"}
         if max_patches := _anyres_max(cfg.get("vision_aspect_ratio", "")):
             defaults["max_num_patches"] = max_patches
+    if cfg.get("model_type") == "llava_next_video":  # LlavaNextVideoPooler, before the projector
+        defaults["video_pool"] = {"stride": cfg.get("spatial_pool_stride", 2),
+                                  "mode": cfg.get("spatial_pool_mode", "average"), "after_projector": False}
+    elif cfg.get("model_type") == "llava_onevision":  # apply_pooling: bilinear to ceil(side / 2), after it
+        defaults["video_pool"] = {"stride": 2, "mode": "bilinear", "after_projector": True}
     # transformers' processors composite transparency onto white; no EXIF rotation of PIL inputs
     pre = _checkpoint_preprocess(ckpt.preprocessor_config, arch, family, alpha="white")
     return TowerWeights(arch, pre, family, ckpt.source, ckpt.source, weights, defaults)
@@ -206,6 +211,8 @@ def _from_llava_checkpoint(ckpt: ck.Checkpoint, prefix: str | None, dtype: torch
                      "convention": "llava-next"}
         if max_patches := _anyres_max(aspect):
             defaults["max_num_patches"] = max_patches
+    if "mm_spatial_pool_mode" in cfg:  # video: llava_arch's get_2dPool(feat) after mm_projector, at its default stride 2
+        defaults["video_pool"] = {"stride": 2, "mode": cfg["mm_spatial_pool_mode"], "after_projector": True}
     mode = "pad" if aspect == "pad" else pre.default_mode
     pre = replace(pre, default_mode=mode, alpha="drop", exif=False)  # LLaVA: Image.open(...).convert("RGB")
     return TowerWeights(arch, pre, family, spec.name if spec else tower, ckpt.source, weights, defaults)

@@ -188,6 +188,7 @@ class VisionTower(nn.Module, PatchGeometry):
         load_into(tower.vit, w.weights, w.source or w.name)
         tower._anyres_defaults = {k: v for k, v in w.defaults.items() if k in ("grid_pinpoints", "convention",
                                                                                "max_num_patches")}
+        tower._video_defaults = dict(w.defaults.get("video_pool", {}))
         tower.freeze()  # assign=True replaced the parameters
         return tower
 
@@ -295,6 +296,13 @@ class VisionTower(nn.Module, PatchGeometry):
     def anyres_defaults(self) -> dict[str, Any]:
         """The grid pinpoints, convention and anyres_max a checkpoint states (empty for plain towers)."""
         return getattr(self, "_anyres_defaults", {})
+
+    @property
+    def video_defaults(self) -> dict[str, Any]:
+        """How a video VLM checkpoint pools each frame's grid: {"stride", "mode", "after_projector"} (empty
+        for plain towers). The place differs by reference: transformers' LLaVA-NeXT-Video pools before its
+        projector, OneVision and LLaVA-NeXT's own code after it, so the caller applies `pool_tokens` there."""
+        return getattr(self, "_video_defaults", {})
 
     def forward(self, pixel_values: torch.Tensor, layers: LayerSelection | None = None,
                 feature: Feature | None = None) -> torch.Tensor:
