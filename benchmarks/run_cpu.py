@@ -7,7 +7,7 @@ Writes benchmarks/results/*.json (with the machine description) and prints each 
 
 import time
 
-from benchmarks import bench_cache, bench_extract, bench_preprocess, bench_tower, bench_train
+from benchmarks import bench_cache, bench_extract, bench_preprocess, bench_tower, bench_train, bench_views
 
 if __name__ == "__main__":
     start = time.perf_counter()
@@ -17,6 +17,7 @@ if __name__ == "__main__":
         ("4, 7 extraction", lambda: bench_extract.main([])),
         ("5 cache reads", lambda: bench_cache.main(["--samples", "1024"])),
         ("6 training step", lambda: bench_train.main([])),
+        ("8-9 many views (anyres, video)", lambda: bench_views.main([])),
     ]
     for name, fn in steps:
         t = time.perf_counter()
