@@ -1,6 +1,8 @@
 """Find a checkpoint (local directory or Hugging Face Hub id) and turn it into tower weights.
 
-Only the vision weights are read: for a full `CLIPModel` the text tower is never loaded.
+Only the tensors a caller asks for are read: for a tower out of a full `CLIPModel`, the text side
+is never loaded. open_clip's own layout (`open_clip_config.json` beside `open_clip_model.safetensors`)
+is a checkpoint like any other; its config states what the bare weights cannot.
 Safetensors is read lazily per tensor; `.bin` files go through `torch.load(weights_only=True)`
 so no pickled code is ever run. Conversion into `VisionTransformer`'s names is strict: any
 missing, unexpected or wrongly shaped tensor is an error that lists them.
@@ -22,9 +24,11 @@ from .vit import ViTConfig
 
 __all__ = ["CheckpointError", "WeightsUnavailableError", "Checkpoint", "locate", "fetch_file", "fetch_config",
            "read_json", "weight_files_in", "list_keys", "read_tensors", "load_into", "state_dict_sha256",
-           "offline_help", "preprocess_from_checkpoint"]
+           "offline_help", "preprocess_from_checkpoint", "fetch_tokenizer"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # {"model_cfg": ..., "preprocess_cfg": ...}, as open_clip saves for the Hub
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Checkpoint:
     weight_files: tuple[Path, ...]
     config: dict[str, Any]
     preprocessor_config: dict[str, Any] | None
+    open_clip_config: dict[str, Any] | None = None  # open_clip's layout: its model_cfg and preprocess_cfg
 
 
 def offline_help(name: str, reason: str) -> str:
@@ -81,9 +86,12 @@ def weight_files_in(d: Path, names: tuple[str, ...] = _WEIGHT_FILES) -> tuple[Pa
 
 
 def _from_directory(source: str, d: Path) -> Checkpoint:
-    """A save_pretrained directory; without config.json its format is read from its keys."""
+    """A save_pretrained directory (or open_clip's layout); without config.json its format is read from its keys."""
     config = read_json(d / "config.json") or {}
-    return Checkpoint(source, d, weight_files_in(d), config, read_json(d / "preprocessor_config.json"))
+    open_clip = read_json(d / OPEN_CLIP_CONFIG)
+    names = _WEIGHT_FILES + OPEN_CLIP_WEIGHTS if open_clip is not None else _WEIGHT_FILES
+    return Checkpoint(source, d, weight_files_in(d, names), config, read_json(d / "preprocessor_config.json"),
+                      open_clip)
 
 
 def _shard_files(index: Path) -> tuple[Path, ...]:
@@ -127,6 +135,25 @@ def fetch_file(name_or_path: str, filename: str, revision: str | None = None) ->
     return _hub_fetch(name_or_path, filename, revision)
 
 
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "spiece.model", "tokenizer.model", "added_tokens.json")
+
+
+def fetch_tokenizer(name_or_path: str, revision: str | None = None) -> Path:
+    """The directory that holds a checkpoint's tokenizer files (a local directory, or those files of a Hub
+    repo fetched into its snapshot), for `AutoTokenizer.from_pretrained`."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        found = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+    else:
+        found = [p for f in TOKENIZER_FILES if (p := _hub_fetch(name_or_path, f, revision)) is not None]
+    if not found:
+        raise WeightsUnavailableError(offline_help(name_or_path, "it holds no tokenizer files, or they are neither "
+                                                   "cached nor downloadable (pass tokenizer= a directory or Hub id "
+                                                   "that has them)"))
+    return found[0].parent
+
+
 def fetch_config(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """Only the `config.json` of a local directory or Hub repo (no weights are fetched)."""
     path = Path(name_or_path).expanduser()
@@ -140,6 +167,14 @@ def fetch_config(name_or_path: str, revision: str | None = None) -> dict[str, An
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
+    found = _hub_fetch(repo_id, OPEN_CLIP_CONFIG, revision)
+    open_clip = read_json(found) if found else None
+    if open_clip is not None and _hub_fetch(repo_id, "config.json", revision) is None:  # an open_clip-only repo
+        for name in OPEN_CLIP_WEIGHTS:
+            if (weights := _hub_fetch(repo_id, name, revision)) is not None:
+                return Checkpoint(repo_id, weights.parent, (weights,), {}, None, open_clip)
+        raise WeightsUnavailableError(offline_help(repo_id, f"none of {', '.join(OPEN_CLIP_WEIGHTS)} is cached or "
+                                                            "downloadable"))
     config = fetch_config(repo_id, revision)
     for name in _WEIGHT_FILES:
         found = _hub_fetch(repo_id, name, revision)
@@ -154,7 +189,8 @@ def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
         else:
             files = (found,)
         preproc_path = _hub_fetch(repo_id, "preprocessor_config.json", revision)
-        return Checkpoint(repo_id, found.parent, files, config, read_json(preproc_path) if preproc_path else None)
+        return Checkpoint(repo_id, found.parent, files, config, read_json(preproc_path) if preproc_path else None,
+                          open_clip)
     raise WeightsUnavailableError(offline_help(repo_id, f"none of {', '.join(_WEIGHT_FILES)} is cached or downloadable"))
 
 

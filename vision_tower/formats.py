@@ -297,6 +297,60 @@ def convert_open_clip(sd: Mapping[str, torch.Tensor], arch: ViTConfig) -> Tensor
     return out
 
 
+# ------------------------------------------------------------------------------ open_clip / OpenAI text side
+_OPEN_CLIP_TEXT_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                         "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPEN_CLIP_TEXT_SCALARS = ("input_resolution", "context_length", "vocab_size", "attn_mask")  # OpenAI's JIT extras
+
+
+def open_clip_text_shape(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The text transformer's shape, from an open_clip / OpenAI state dict (top-level keys)."""
+    blocks = [k for k in sd if k.startswith("transformer.resblocks.")]
+    if not blocks or "token_embedding.weight" not in sd or "text_projection" not in sd:
+        raise CheckpointError("the open_clip / OpenAI checkpoint holds no CLIP text transformer (token_embedding, "
+                              "transformer.resblocks.*, text_projection)")
+    vocab, width = sd["token_embedding.weight"].shape
+    return {"vocab_size": vocab, "width": width, "depth": 1 + max(int(k.split(".")[2]) for k in blocks),
+            "mlp_dim": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            "context_length": sd["positional_embedding"].shape[0], "embed_dim": sd["text_projection"].shape[1]}
+
+
+def convert_open_clip_text(sd: Mapping[str, torch.Tensor]) -> Tensors:
+    """open_clip / OpenAI CLIP text weights -> transformers `CLIPTextModelWithProjection` names (its
+    `text_model.*` and `text_projection`): q, k, v split from `in_proj`, the projection transposed."""
+    out: Tensors = {}
+    unexpected = []
+    for k, v in sd.items():
+        if k.startswith(("visual.", "logit_scale", "logit_bias")) or k in _OPEN_CLIP_TEXT_SCALARS:
+            continue
+        if k == "token_embedding.weight":
+            out["text_model.embeddings.token_embedding.weight"] = v
+        elif k == "positional_embedding":
+            out["text_model.embeddings.position_embedding.weight"] = v
+        elif k.startswith("ln_final."):
+            out["text_model.final_layer_norm." + k.split(".", 1)[1]] = v
+        elif k == "text_projection":
+            out["text_projection.weight"] = v.t().contiguous()  # used as x @ P: (width, D) -> Linear's (D, width)
+        elif k.startswith("transformer.resblocks."):
+            _, _, i, rest = k.split(".", 3)
+            p = f"text_model.encoder.layers.{i}."
+            if rest.startswith("attn.in_proj_"):
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                    out[f"{p}self_attn.{name}.{rest.rsplit('_', 1)[1]}"] = part.contiguous()
+                continue
+            for src, dst in _OPEN_CLIP_TEXT_BLOCK.items():
+                if rest.startswith(src + "."):
+                    out[p + dst + rest[len(src):]] = v
+                    break
+            else:
+                unexpected.append(k)
+        else:
+            unexpected.append(k)
+    if unexpected:
+        raise unexpected_error(sorted(unexpected), "open_clip / OpenAI CLIP text")
+    return out
+
+
 # ------------------------------------------------------------------------------ detection
 OPENVLA_PARTS = {"vision_backbone.featurizer.": "featurizer", "vision_backbone.fused_featurizer.": "fused_featurizer"}
 PRISMATIC_PARTS = {"dino_featurizer.": "dino", "siglip_featurizer.": "siglip", "featurizer.": "featurizer"}

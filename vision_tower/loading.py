@@ -267,6 +267,9 @@ def _from_foreign(ckpt: ck.Checkpoint, fmt: str, prefix: str, spec: TowerSpec | 
     clip_like = fmt in ("open_clip", "openai")
     family = "clip" if clip_like else fm.timm_family(set(raw))
     shape = fm.open_clip_shape(raw) if clip_like else fm.timm_shape(raw)
+    if clip_like and ckpt.open_clip_config is not None and spec is None:  # it states what the weights cannot
+        spec = open_clip_spec(ckpt.open_clip_config, ckpt.source)
+        quick_gelu = spec.arch.act == "quick_gelu" if quick_gelu is None else quick_gelu
     spec = spec or match_spec(family, shape["width"], shape["depth"], shape["patch_size"], shape["grid"])
     if (spec.family, spec.width, spec.depth, spec.patch_size) != (family, shape["width"], shape["depth"],
                                                                   shape["patch_size"]):
@@ -277,6 +280,36 @@ def _from_foreign(ckpt: ck.Checkpoint, fmt: str, prefix: str, spec: TowerSpec | 
                      image_size=image_size or spec.image_size)
     weights = fm.convert_open_clip(raw, spec.arch) if clip_like else fm.convert_timm(raw, spec.arch)
     return TowerWeights(spec.arch, spec.preprocess, family, spec.name, ckpt.source, weights)
+
+
+_OPEN_CLIP_RESIZE = {"shortest": "crop", "squash": "squash"}  # "longest" pads with black: none of our modes
+
+
+def open_clip_spec(config: dict[str, Any], source: str) -> TowerSpec:
+    """The tower an `open_clip_config.json` describes (open_clip's own ViT; a timm trunk is refused)."""
+    model, pre = config.get("model_cfg") or {}, config.get("preprocess_cfg") or {}
+    v = model.get("vision_cfg") or {}
+    unsupported = {k: v[k] for k in ("timm_model_name", "attentional_pool", "no_ln_pre") if v.get(k)}
+    if v.get("pool_type", "tok") != "tok":
+        unsupported["pool_type"] = v["pool_type"]
+    if unsupported or "width" not in v:
+        raise CheckpointError(f"{source}: open_clip vision config {unsupported or v} is not a plain CLIP ViT (class "
+                              "token pooling, open_clip's own transformer); load the transformers release instead")
+    if pre.get("resize_mode", "shortest") not in _OPEN_CLIP_RESIZE:
+        raise CheckpointError(f"{source}: open_clip resize_mode {pre['resize_mode']!r} is not supported (one of "
+                              f"{sorted(_OPEN_CLIP_RESIZE)}); pass tower= a TowerSpec with the preprocessing to use")
+    size = v.get("image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+    width, patch = v["width"], v["patch_size"]
+    arch = ViTConfig(image_size=size, patch_size=patch, width=width, depth=v["layers"],
+                     heads=width // v.get("head_width", 64), mlp_dim=int(width * v.get("mlp_ratio", 4.0)),
+                     act="quick_gelu" if model.get("quick_gelu") else "gelu", norm_eps=1e-5, class_token=True,
+                     pre_norm=True, patch_bias=False, layer_scale=v.get("ls_init_value") is not None)
+    base = family_preprocess("clip", size)
+    preprocess = replace(base, mean=tuple(pre.get("mean", base.mean)), std=tuple(pre.get("std", base.std)),
+                         interpolation=pre.get("interpolation", base.interpolation),
+                         default_mode=_OPEN_CLIP_RESIZE[pre.get("resize_mode", "shortest")])
+    return TowerSpec(name=source, hub_id=source, family="clip", arch=arch, preprocess=preprocess)
 
 
 def foreign_act(family: str, fmt: str, quick_gelu: bool | None) -> str:

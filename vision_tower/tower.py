@@ -308,6 +308,17 @@ class VisionTower(nn.Module, PatchGeometry):
                 feature: Feature | None = None) -> torch.Tensor:
         """(B, 3, S, S) pixels -> (B, num_tokens, hidden_size) in the tower's dtype. `layers` and
         `feature` override `select_layer` / `select_feature` for this call only."""
+        return self._forward(pixel_values, layers, feature, final=False)[0]
+
+    def forward_and_final(self, pixel_values: torch.Tensor, layers: LayerSelection | None = None,
+                          feature: Feature | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s tokens and the last block's output (B, prefix + N, width), from one pass: what an
+        image-text head pools (`ImageTextModel`, `extract --embed`). Runs every block."""
+        selected, final = self._forward(pixel_values, layers, feature, final=True)
+        return selected, final
+
+    def _forward(self, pixel_values: torch.Tensor, layers: LayerSelection | None, feature: Feature | None,
+                 final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         S = self.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (S, S):
             hint = " (a single image? use pixel_values.unsqueeze(0))" if pixel_values.ndim == 3 else ""
@@ -316,7 +327,8 @@ class VisionTower(nn.Module, PatchGeometry):
         indices = self._layer_indices if layers is None else _layer_indices(layers, cfg.depth)
         feature = self._select_feature if feature is None else _check_feature(feature, cfg, self.name, self.family)
         x = pixel_values.to(device=self.device, dtype=self.dtype)
-        states = self.vit.forward_hidden_states(x, indices)  # each (B, prefix + N, C)
+        states = self.vit.forward_hidden_states(x, [*indices, cfg.depth] if final else indices)  # (B, prefix + N, C)
+        last = states.pop() if final else None
         if self.post_norm:
             states = [self.vit.norm(h) for h in states]
         p = cfg.num_prefix_tokens
@@ -326,7 +338,7 @@ class VisionTower(nn.Module, PatchGeometry):
             states = [h[:, :1] for h in states]  # (B, 1, C)
         elif cfg.num_registers:
             states = [torch.cat([h[:, :1], h[:, p:]], dim=1) for h in states]  # (B, 1 + num_patches, C)
-        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)  # (B, T, C * n_layers)
+        return (states[0] if len(states) == 1 else torch.cat(states, dim=-1)), last  # (B, T, C * n_layers)
 
     # ------------------------------------------------------------------ properties LLaVA reads
     @property
@@ -459,6 +471,9 @@ class FusedVisionTower(VisionTower):
                   exif: bool | None = None) -> ImageTransform:
         """Each part's preprocessing for one image, stacked on channels: -> (3 * parts, S, S)."""
         return ImageTransform([with_loading(t.preprocess_config, alpha, exif) for t in self.towers.values()], mode)
+
+    def forward_and_final(self, *args, **kwargs):
+        raise ConfigError(f"{self.name} is a fused tower: it has no image-text head to feed")
 
     def forward(self, pixel_values: torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
                 layers: LayerSelection | None = None, feature: Feature | None = None) -> torch.Tensor:

@@ -10,4 +10,4 @@ python3 -m venv .venv-floor
 .venv-floor/bin/python -c "import torch, transformers; print(f'floor: torch {torch.__version__}, transformers {transformers.__version__}')"
 .venv-floor/bin/python -m pytest -q -p no:cacheprovider tests/test_tower_api.py tests/test_parity.py \
     tests/test_preprocess.py tests/test_llava.py tests/test_llava_model.py tests/test_vlm_checkpoints.py \
-    tests/test_projector.py tests/test_projector_formats.py tests/test_architecture.py
+    tests/test_projector.py tests/test_projector_formats.py tests/test_architecture.py tests/test_imagetext.py
