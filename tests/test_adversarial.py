@@ -413,6 +413,17 @@ MISUSE = {  # name: (arguments, what the message must name)
                       "--micro-batch-size"),
     "align out a file": (ALIGN + ["--data", "{tmp}/intcap.json", "--out", "{tmp}/a_file"], "--out {tmp}/a_file is a file"),
     "inspect not a cache": (["inspect", "{tmp}/folder"], "{tmp}/folder is not a feature cache"),
+    "score list missing": (["score", "--images", "{tmp}/folder", "--list", "{tmp}/nope.json", "--out", "{tmp}/s.jsonl"],
+                           "--list {tmp}/nope.json does not exist"),
+    "score images missing": (["score", "--images", "{tmp}/nope", "--list", "{tmp}/dict.json", "--out", "{tmp}/s.jsonl"],
+                             "--images {tmp}/nope is not a directory"),
+    "score out a folder": (["score", "--images", "{tmp}/folder", "--list", "{tmp}/dict.json", "--out", "{tmp}/folder"],
+                           "--out {tmp}/folder: is a directory"),
+    "score data is a dict": (["score", "--images", "{tmp}/folder", "--list", "{tmp}/dict.json", "--out", "{tmp}/s.jsonl"],
+                             "{tmp}/dict.json: expected a JSON list"),
+    "classify no labels": (["classify", "{photo}", "--labels", " , "], "--labels names no label"),
+    "classify a vision-only model": (["classify", "{photo}", "--labels", "cat", "--model", "{tmp}/text.bin"],
+                                     "{tmp}/text.bin is not a readable"),
     "verify no cache": (["verify", "{tmp}/nope"], "{tmp}/nope is not a feature cache"),
 }
 if not torch.cuda.is_available():

@@ -316,7 +316,7 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d: logit_scale
     return h.hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""The `vision-tower` command line: `towers`, `features`, `extract`, `inspect`, `verify`, `align`."""
+"""The `vision-tower` command line: `towers`, `features`, `extract`, `inspect`, `verify`, `align`,
+`classify`, `score`."""
 
 from __future__ import annotations
 
@@ -157,6 +158,53 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Zero-shot labels of a few images: a smoke test that an image-text checkpoint loaded right."""
+    import torch
+
+    from .distributed import resolve_device
+    from .imagetext import DEFAULT_TEMPLATES, ENSEMBLE_TEMPLATES, ImageTextModel
+
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()]
+    if not labels:
+        raise ConfigError("--labels names no label; give them comma-separated: --labels cat,dog")
+    templates = args.template or (ENSEMBLE_TEMPLATES if args.ensemble else DEFAULT_TEMPLATES)
+    model = ImageTextModel.from_pretrained(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    start, done, failed = time.perf_counter(), 0, 0
+    with torch.inference_mode():
+        classifier = model.text_classifier(labels, templates)  # (L, D)
+        for path in args.images:
+            try:
+                pixels = model.preprocess([path])
+            except ImageLoadError as e:
+                print(f"failed: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            logits = model.logits(model.encode_image(pixels), classifier)[0]  # (L,)
+            probs = logits.softmax(-1) if model.kind == "clip" else logits.sigmoid()
+            top = probs.topk(min(args.top, len(labels)))
+            print(f"{path}\t" + "\t".join(f"{labels[i]} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+            done += 1
+    elapsed = time.perf_counter() - start
+    print(f"done: {done} images, {failed} failed, {len(labels)} labels x {len(templates)} templates, {elapsed:.1f} s; "
+          f"{'softmax over the labels' if model.kind == 'clip' else 'a sigmoid per label'} ({model.kind})")
+    return 1 if failed and not done else 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .score import ScoreConfig, score
+
+    cfg = ScoreConfig(model=args.model, images=args.images, list=args.list, out=args.out, batch_size=args.batch_size,
+                      num_workers=args.num_workers, dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+                      keep_above=args.keep_above, write_list=args.write_list, histogram=args.histogram,
+                      progress=not args.quiet)
+    result = score(cfg)
+    print(result.summary())
+    if result.kept is not None:
+        print(f"kept {result.kept} records scoring above {args.keep_above}: {args.write_list}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vision-tower", description="Vision towers for LLaVA- and OpenVLA-style models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -256,6 +304,36 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-workers", type=int, default=2)
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=cmd_align)
+
+    c = sub.add_parser("classify", help="zero-shot labels of images with a CLIP / SigLIP checkpoint")
+    c.add_argument("images", nargs="+", help="image files")
+    c.add_argument("--model", default="openai/clip-vit-large-patch14-336",
+                   help="a transformers CLIPModel / SiglipModel (directory or Hub id) or an open_clip checkpoint")
+    c.add_argument("--labels", required=True, help="comma-separated labels: cat,dog,a red car")
+    c.add_argument("--template", action="append", help="prompt with {} for the label (repeat to ensemble); "
+                                                       "default 'a photo of a {}.'")
+    c.add_argument("--ensemble", action="store_true", help="CLIP's ensemble of ten ImageNet prompt templates")
+    c.add_argument("--top", type=int, default=5, help="labels printed per image")
+    c.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(func=cmd_classify)
+
+    s = sub.add_parser("score", help="image-caption scores of a LLaVA dataset, resumable; optionally filter it")
+    s.add_argument("--model", default="openai/clip-vit-large-patch14-336",
+                   help="a transformers CLIPModel / SiglipModel (directory or Hub id) or an open_clip checkpoint")
+    s.add_argument("--images", required=True, help="image root; the JSON's image paths are relative to it")
+    s.add_argument("--list", required=True, help="LLaVA JSON: each record's image and its gpt turn are a pair")
+    s.add_argument("--out", required=True, help="scores.jsonl: one line per record (resumed if it exists)")
+    s.add_argument("--keep-above", type=float, help="with --write-list: keep the records scoring above this")
+    s.add_argument("--write-list", help="write the kept records here, as a LLaVA JSON for `align --data`")
+    s.add_argument("--histogram", help="histogram PNG (default: --out with .png)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--overwrite", action="store_true", help="score again from the start, replacing --out")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_score)
 
     i = sub.add_parser("inspect", help="print a cache's metadata, counts and failures")
     i.add_argument("cache")

@@ -3,6 +3,7 @@
     VISION_TOWER_FAULT=rows:3        SIGKILL once a shard has >= 3 rows on disk
     VISION_TOWER_FAULT=manifest:2    SIGKILL after shard >= 2 is renamed into place, before its manifest is written
     VISION_TOWER_FAULT=train_step:10 SIGKILL after optimizer step 10 of stage-1 training
+    VISION_TOWER_FAULT=score_lines:4 SIGKILL once >= 4 score lines are fsynced (`vision-tower score`)
     VISION_TOWER_FAULT=rows:3:INT    the same point, SIGINT (Ctrl-C) instead; TERM for SIGTERM
 
 Unset (always, outside tests) it costs one dictionary lookup.

@@ -325,6 +325,12 @@ class ImageTextModel(nn.Module):
         logits = self.logit_scale.exp() * (image_embeds.float() @ text_embeds.float().t())
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
+    def pair_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """(B,): the logit of each image with its own text, the diagonal of `logits` without the B x B
+        matrix (SigLIP: its sigmoid is the model's probability that they match)."""
+        logits = self.logit_scale.exp() * (image_embeds.float() * text_embeds.float()).sum(-1)
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
     def text_classifier(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
         """(L, D): each label's prompts (`"a photo of a {}."`...) embedded, normalised, averaged and
         normalised again: CLIP's zero-shot prompt ensembling."""
