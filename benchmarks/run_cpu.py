@@ -7,7 +7,7 @@ Writes benchmarks/results/*.json (with the machine description) and prints each 
 
 import time
 
-from benchmarks import bench_cache, bench_extract, bench_preprocess, bench_tower, bench_train, bench_views
+from benchmarks import bench_cache, bench_extract, bench_preprocess, bench_tower, bench_imagetext, bench_train, bench_views
 
 if __name__ == "__main__":
     start = time.perf_counter()
@@ -18,6 +18,7 @@ if __name__ == "__main__":
         ("5 cache reads", lambda: bench_cache.main(["--samples", "1024"])),
         ("6 training step", lambda: bench_train.main([])),
         ("8-9 many views (anyres, video)", lambda: bench_views.main([])),
+        ("10-12 image-text space", lambda: bench_imagetext.main([])),
     ]
     for name, fn in steps:
         t = time.perf_counter()

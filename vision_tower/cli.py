@@ -98,7 +98,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                         num_frames=args.num_frames, fps=args.fps, frame_sampler=args.frame_sampler,
                         batch_size=args.batch_size,
                         num_workers=args.num_workers, pool=args.pool, device=args.device, shard_size=args.shard_size,
-                        progress=not args.quiet, compile=args.compile, attn_implementation=args.attn_implementation)
+                        progress=not args.quiet, compile=args.compile, attn_implementation=args.attn_implementation,
+                        embed=args.embed)
     result = extract(cfg)
     rank, world, _ = dist_env()
     print(result.summary(rank, world))
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pool", choices=POOLS, default="none", help="spatial pooling of the patch grid")
     e.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun / accelerate)")
     e.add_argument("--shard-size", type=int, default=256, help="images per shard (256 x CLIP-L bf16 = 290 MB)")
+    e.add_argument("--embed", action="store_true",
+                   help="also store each image's CLIP / SigLIP embedding (the checkpoint's image head; the forward "
+                        "runs every block); read them with FeatureCache.embedding(key)")
     e.add_argument("--compile", action="store_true", help="torch.compile the tower (one-time cost, faster after)")
     e.add_argument("--attn-implementation", choices=("sdpa", "eager", "native"), default=None,
                    help="sdpa (default, matches transformers exactly); native: 1.13-1.16x faster bf16 on CPUs, other rounding")

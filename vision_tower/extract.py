@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import (
@@ -30,8 +31,9 @@ from .cache import (
 from .checkpoints import state_dict_sha256
 from .data import IMAGE_SUFFIXES, list_keys, safe_path  # noqa: F401  (list_keys, safe_path: imported from here before)
 from .distributed import dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
-from .errors import ConfigError, ImageLoadError, Interrupted, Terminated
+from .errors import CheckpointError, ConfigError, ImageLoadError, Interrupted, Terminated
 from .anyres import CONVENTIONS, default_pinpoints, preprocess_anyres
+from .imagetext import ImageHead, load_image_head
 from .pooling import pool_tokens
 from .preprocess import Mode, load_image
 from .tower import VisionTower, build_tower
@@ -75,6 +77,7 @@ class ExtractConfig:
     num_frames: int | None = None  # video: frames per video (the upbound, with fps)
     fps: float | None = None  # video: sample by frame rate first (LLaVA-NeXT-Video's video_fps)
     frame_sampler: str = "llava-next"  # video: "llava-next" / "transformers"
+    embed: bool = False  # also store each row's CLIP / SigLIP image embedding (the model's image head)
     extra_metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -176,6 +179,9 @@ def check_config(cfg: ExtractConfig) -> None:
         raise ConfigError("--video needs --num-frames (the frames kept per video; with --fps, the most kept)")
     if cfg.views == "anyres" and cfg.anyres_convention not in (None, *CONVENTIONS):
         raise ConfigError(f"--anyres-convention {cfg.anyres_convention!r} is not one of {CONVENTIONS}")
+    if cfg.embed and cfg.model is None:
+        raise ConfigError("--embed needs the image head of a CLIP / SigLIP checkpoint (--model); random weights "
+                          "(--random-init) have none")
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -186,8 +192,24 @@ def _pool_fn(pool: str, num_prefix_tokens: int) -> Callable[[torch.Tensor], torc
     return lambda x: pool_tokens(x, stride, mode, num_prefix_tokens)
 
 
+class Encoder:
+    """Pixels -> the rows a cache stores: the tower's selected tokens (pooled with `--pool`), and with an
+    image head (`--embed`) each row's L2-normalised image embedding from the same forward."""
+
+    def __init__(self, tower: VisionTower, pool: Callable | None, head: ImageHead | None = None) -> None:
+        self.tower, self.pool, self.head = tower, pool, head
+
+    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.head is None:
+            feats, emb = self.tower(pixels), None  # (B, T, C): only the blocks up to the selected layer
+        else:  # every block: the head reads the last one
+            feats, final = self.tower.forward_and_final(pixels)
+            emb = F.normalize(self.head(final).float(), dim=-1)  # (B, D)
+        return (self.pool(feats) if self.pool else feats), emb
+
+
 def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], tokens: int, channels: int,
-                 layout: dict[str, Any] | None = None) -> dict[str, Any]:
+                 layout: dict[str, Any] | None = None, embed: dict[str, Any] | None = None) -> dict[str, Any]:
     """This run's cache metadata: what `cache_metadata` records, filled in from the config and the tower."""
     configs = tower.transform(alpha=cfg.alpha, exif=cfg.exif).configs  # one per part of a fused tower
     return cache_metadata(
@@ -198,23 +220,28 @@ def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], to
         layer=tower.select_layer, feature=tower.select_feature, pool=cfg.pool,
         attn_implementation=cfg.attn_implementation or "sdpa", dtype=tower.dtype, tokens=tokens, channels=channels,
         shard_size=cfg.shard_size, keys=list(keys), library_version=__version__, extra=cfg.extra_metadata,
-        views=layout)
+        views=layout, embed=embed)
 
 
-def _to_host(feats: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
-    """Features on the CPU, and on CUDA an event to wait for and the rows' finite mask: both go to
-    pinned memory without blocking, so the GPU computes the next batch while this one crosses and
-    the writer thread waits."""
+def _to_host(feats: torch.Tensor, emb: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, Any, torch.Tensor | None, torch.Tensor | None]:
+    """Features (and embeddings) on the CPU, and on CUDA an event to wait for and the rows' finite mask:
+    all go to pinned memory without blocking, so the GPU computes the next batch while this one crosses
+    and the writer thread waits."""
     if feats.device.type != "cuda":
-        return feats.cpu(), None, None
+        return feats.cpu(), None, None, None if emb is None else emb.cpu()
     finite = torch.isfinite(feats).flatten(1).all(1)  # (B,), on the device
-    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-    host.copy_(feats, non_blocking=True)
-    host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
-    host_finite.copy_(finite, non_blocking=True)
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    host, host_finite = pinned(feats), pinned(finite)
+    host_emb = None if emb is None else pinned(emb)
     copied = torch.cuda.Event()
     copied.record()
-    return host, copied, host_finite
+    return host, copied, host_finite, host_emb
 
 
 def _plan(shard_dir: Path, keys: list[str], bounds: list[int], groups: list[int], rank: int, world: int,
@@ -264,24 +291,31 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
                          cfg.grid_pinpoints or tower.anyres_defaults.get("grid_pinpoints", default_pinpoints(tower.image_size)),
                          cfg.anyres_convention or tower.anyres_defaults.get("convention", "llava-next"),
                          cfg.num_frames, cfg.fps, cfg.frame_sampler)
-    pool = _pool_fn(cfg.pool, 0 if tower.select_feature == "patch" else 1)
+    head = None
+    if cfg.embed:
+        try:
+            head = load_image_head(cfg.model, dtype=tower.dtype).to(tower.device)  # type: ignore[arg-type]
+        except CheckpointError as e:
+            raise ConfigError(f"--embed needs the image head of a CLIP / SigLIP checkpoint: {e}") from e
+    encode = Encoder(tower, _pool_fn(cfg.pool, 0 if tower.select_feature == "patch" else 1), head)
     with torch.inference_mode():  # one dummy image: the shape each row will have
-        probe = tower(torch.zeros(1, 3 * n_parts, tower.image_size, tower.image_size, device=tower.device))
-        probe = pool(probe) if pool else probe
+        probe, probe_emb = encode(torch.zeros(1, 3 * n_parts, tower.image_size, tower.image_size, device=tower.device))
     tokens, channels = probe.shape[1:]
+    embed = None if head is None else {"dim": probe_emb.shape[1], "head": head.kind}
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     layout = {**(prep.settings() if cfg.views else {}),
               **({"shard_bounds": bounds} if isinstance(source, TarSource) else {})}
-    meta = run_metadata(cfg, tower, keys, tokens, channels, layout)
+    meta = run_metadata(cfg, tower, keys, tokens, channels, layout, embed)
     check_or_write_metadata(out, meta)
     with RankLock(out, rank, world):
         pending, done = _plan(shard_dir, keys, bounds, groups, rank, world, meta)
         result = ExtractResult(skipped_shards=done)
-        writer = CacheWriter(shard_dir, tokens, channels, tower.dtype, max_bytes=cfg.queue_mb << 20, metadata=meta)
+        writer = CacheWriter(shard_dir, tokens, channels, tower.dtype, max_bytes=cfg.queue_mb << 20, metadata=meta,
+                             embed_dim=embed["dim"] if embed else None)
         try:
-            _run(cfg, tower, source, keys, bounds, prep, pool, pending, writer, result, rank, world)
+            _run(cfg, encode, source, keys, bounds, prep, pending, writer, result, rank, world)
         except KeyboardInterrupt as e:
             writer.abort()
             code = 143 if isinstance(e, Terminated) else 130
@@ -303,9 +337,8 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     return result
 
 
-def _run(cfg: ExtractConfig, tower: VisionTower, source: Any, keys: list[str], bounds: list[int], prep: Callable,
-         pool: Callable | None, pending: list[int], writer: CacheWriter, result: ExtractResult, rank: int,
-         world: int) -> None:
+def _run(cfg: ExtractConfig, encode: Encoder, source: Any, keys: list[str], bounds: list[int], prep: Callable,
+         pending: list[int], writer: CacheWriter, result: ExtractResult, rank: int, world: int) -> None:
     """Decode in DataLoader workers, run the tower, hand rows to the writer; batches never cross a
     shard boundary, so every attempt computes the same batches."""
     from tqdm import tqdm
@@ -314,7 +347,7 @@ def _run(cfg: ExtractConfig, tower: VisionTower, source: Any, keys: list[str], b
                for s in pending for lo in range(bounds[s], bounds[s + 1], cfg.batch_size)]
     shard_of = {i: s for s in pending for i in range(bounds[s], bounds[s + 1])}
     loader = DataLoader(_Images(source, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
-                        collate_fn=_collate, pin_memory=tower.device.type == "cuda",
+                        collate_fn=_collate, pin_memory=encode.tower.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
     shard_fail: dict[int, dict[str, str]] = {}
     remaining = {s: bounds[s + 1] - bounds[s] for s in pending}
@@ -329,13 +362,12 @@ def _run(cfg: ExtractConfig, tower: VisionTower, source: Any, keys: list[str], b
                 shard_fail.setdefault(shard, {})[keys[i]] = err
                 result.failures[keys[i]] = err
             if batch["ok"]:
-                pixels = batch["pixels"].to(tower.device, non_blocking=True)  # (B, 3 * parts, S, S), pinned on CUDA
+                pixels = batch["pixels"].to(encode.tower.device, non_blocking=True)  # (B, 3 * parts, S, S)
                 with torch.inference_mode():
-                    feats = tower(pixels)  # (B, T, C)
-                    feats = pool(feats) if pool else feats
-                rows, copied, finite = _to_host(feats)
+                    feats, emb = encode(pixels)  # (B, T, C), (B, D) or None
+                rows, copied, finite, emb = _to_host(feats, emb)
                 writer.rows(shard, rows, [keys[i] for i in batch["ok"]], copied, finite, batch["views"],
-                            batch["geometry"])
+                            batch["geometry"], emb)
             remaining[shard] -= len(batch["index"])
             if remaining[shard] == 0:
                 captions = {k: source.captions[k] for k in keys[bounds[shard]:bounds[shard + 1]] if k in source.captions}

@@ -5,12 +5,15 @@ Layout::
     CACHE/metadata.json                    what the features are (tower, weights hash, preprocessing, ...)
     CACHE/shards/shard-000042.safetensors  one tensor "features" (n, T, C)
     CACHE/shards/shard-000042.json         its manifest: keys (row order), failures, data_sha256, bytes
+    CACHE/shards/shard-000042.embed.safetensors  with `extract --embed`: "embeddings" (n, D) float32,
+                                           each row's image embedding, hashed in the manifest and the header
 
 A shard is streamed to a temporary file, fsynced and renamed; only then is its manifest written
 (also via a temporary file and a rename). The manifests are the index: a reader sees a shard only
 once its manifest exists, so a crash at any point leaves either a complete, indexed shard or
 nothing that a reader sees. Shard i always holds the keys [i * shard_size, (i + 1) * shard_size) of
-the run's key list, which is what makes resume and multi-process runs give the same cache.
+the run's key list (WebDataset sources: `shard_bounds`, one tar per shard), which is what makes
+resume and multi-process runs give the same cache.
 
 Shards are plain safetensors files: the JSON header sits in a fixed reserve of `HEADER_RESERVE`
 bytes (padded with spaces, as the format allows), so rows can be streamed before their count is
@@ -77,14 +80,15 @@ def file_sha256(path: Path, chunk: int = 16 << 20, start: int = 0) -> str:
 # ------------------------------------------------------------------------------ shards
 def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype, *, shard: int | None = None,
                  keys: list[str] | None = None, cache: dict[str, Any] | None = None, views: str | None = None,
-                 reserve: int = HEADER_RESERVE) -> bytes:
+                 embeddings_sha256: str | None = None, reserve: int = HEADER_RESERVE) -> bytes:
     """The first `reserve` bytes of a shard of n rows: the safetensors header length, the JSON header
     and space padding (as the format allows). With `shard` / `keys` / `cache` the shard records its own
     number, its keys in row order and the cache metadata it was written under (`__metadata__`,
     covered by the manifest's `header_sha256`), so a reader can check what a manifest says against the
     shard itself; without them, the header of shards written before those records existed. `views` is
-    the `views_sha256` of a cache of many views per key (how many rows each key has, and its geometry)."""
-    header = _header_json(n, tokens, channels, dtype, shard, keys, cache, views)
+    the `views_sha256` of a cache of many views per key (how many rows each key has, and its geometry);
+    `embeddings_sha256` that of the shard's embeddings file (`extract --embed`)."""
+    header = _header_json(n, tokens, channels, dtype, shard, keys, cache, views, embeddings_sha256)
     room = reserve - 8
     if len(header) > room:
         raise CacheError(f"safetensors header of {len(header)} bytes does not fit the reserved {room}")
@@ -92,7 +96,8 @@ def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype, *, shar
 
 
 def _header_json(n: int, tokens: int, channels: int, dtype: torch.dtype, shard: int | None, keys: list[str] | None,
-                 cache: dict[str, Any] | None, views: str | None = None) -> bytes:
+                 cache: dict[str, Any] | None, views: str | None = None,
+                 embeddings_sha256: str | None = None) -> bytes:
     meta = {"format": FORMAT}
     if shard is not None:
         meta["shard"] = str(shard)
@@ -102,6 +107,8 @@ def _header_json(n: int, tokens: int, channels: int, dtype: torch.dtype, shard: 
         meta["cache"] = canonical_json(cache)
     if views is not None:
         meta["views_sha256"] = views
+    if embeddings_sha256 is not None:
+        meta["embeddings_sha256"] = embeddings_sha256
     return json.dumps({"features": {"dtype": DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
                                     "data_offsets": [0, n * tokens * channels * dtype.itemsize]},
                        "__metadata__": meta}, separators=(",", ":")).encode()
@@ -112,7 +119,7 @@ def header_reserve(planned: list[str], tokens: int, channels: int, dtype: torch.
     """Bytes to reserve for the header of a shard that will hold at most the `planned` keys: the
     header with all of them, rounded up to whole pages (rows then start page-aligned). The keys that
     succeed are a subset, so their header is never longer."""
-    longest = 8 + len(_header_json(len(planned), tokens, channels, dtype, shard, planned, cache, "0" * 64))
+    longest = 8 + len(_header_json(len(planned), tokens, channels, dtype, shard, planned, cache, "0" * 64, "0" * 64))
     return -(-longest // HEADER_RESERVE) * HEADER_RESERVE
 
 
@@ -246,6 +253,42 @@ def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = Non
     return torch.frombuffer(mm, dtype=h.dtype, count=n * T * C, offset=h.data_start).view(n, T, C)
 
 
+# ------------------------------------------------------------------------------ embeddings
+def embeddings_name(shard: int) -> str:
+    return f"{shard_name(shard)}.embed.safetensors"
+
+
+def write_embeddings(path: Path, embeddings: torch.Tensor) -> str:
+    """A shard's (n, D) float32 image embeddings: written, fsynced, renamed. Returns the file's sha256."""
+    from safetensors.torch import save
+
+    data = save({"embeddings": embeddings.float().contiguous()}, metadata={"format": FORMAT})
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_embeddings(path: Path, sha256: str, rows: int, dim: int) -> torch.Tensor:
+    """A shard's embeddings, checked against the hash its manifest records: right or `CacheError`."""
+    from safetensors.torch import load
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CacheError(f"{path} cannot be read ({e}); re-run the extraction to redo its shard") from e
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CacheError(f"{path} does not match the hash its manifest records (altered or truncated); re-run the "
+                         "extraction to redo its shard")
+    emb = load(data)["embeddings"]
+    if tuple(emb.shape) != (rows, dim):
+        raise CacheError(f"{path} holds {tuple(emb.shape)} embeddings, not ({rows}, {dim})")
+    return emb
+
+
 # ------------------------------------------------------------------------------ manifests
 def shard_manifest(shard: int, file: str | None, keys: list[str], failures: dict[str, str],
                    data_sha256: str | None, nbytes: int, header_sha256: str | None = None,
@@ -290,6 +333,10 @@ def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, "manifest lists a key twice"
     if not isinstance(manifest.get("bytes", 0), int):
         return None, "manifest bytes is not a number"
+    emb = manifest.get("embeddings")
+    if emb is not None and not (isinstance(emb, dict) and emb.get("file") == embeddings_name(index)
+                                and isinstance(emb.get("sha256"), str) and isinstance(emb.get("dim"), int)):
+        return None, f"manifest embeddings {emb!r} do not name this shard's embeddings file, its hash and dim"
     if "views" in manifest:
         views, geometry = manifest["views"], manifest.get("geometry")
         if not (isinstance(views, list) and all(isinstance(v, int) and v > 0 for v in views) and len(views) == len(keys)
@@ -312,10 +359,12 @@ def cache_metadata(*, model: str | None, random_init: str | None, seed: int | No
                    weights_sha256: str, tower: str, family: str, image_size: int, preprocess: dict[str, Any],
                    layer: Any, feature: str, pool: str, attn_implementation: str, dtype: torch.dtype, tokens: int,
                    channels: int, shard_size: int, keys: list[str], library_version: str,
-                   extra: dict[str, Any] | None = None, views: dict[str, Any] | None = None) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None, views: dict[str, Any] | None = None,
+                   embed: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything that changes the features or the shard layout. Equal metadata = compatible runs.
-    `views` ({"views": "anyres" | "video", and their settings}) marks a cache of many views per key."""
-    return {**(views or {}),
+    `views` ({"views": "anyres" | "video", and their settings}) marks a cache of many views per key;
+    `embed` ({"dim", "head"}) one that also holds each row's image embedding."""
+    return {**(views or {}), **({"embed": embed} if embed else {}),
         "format": FORMAT, "version": VERSION, "library_version": library_version,
         "model": model, "random_init": random_init, "seed": seed, "revision": revision,
         "weights_sha256": weights_sha256, "tower": tower, "family": family, "image_size": image_size,

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ..errors import CacheError
 from .format import (
     FORMAT, file_sha256, keys_sha256, manifest_path, metadata_diff, open_rows, read_header, read_manifest,
-    read_raw_header, shard_header, shard_name, views_sha256, write_json_atomic,
+    read_embeddings, read_raw_header, shard_header, shard_name, views_sha256, write_json_atomic,
 )
 
 
@@ -84,6 +84,27 @@ def check_committed(shard_dir: Path, shard: int, planned: list[str], metadata: d
     if h.keys is not None and (h.keys, h.shard, h.records.get("views_sha256")) != (
             manifest["keys"], shard, views_record(manifest)):
         return "its own record of its keys or views differs from its manifest"
+    if "embed" in metadata and (problem := _embeddings_problem(shard_dir, manifest, h.records, metadata)):
+        return problem
+    return None
+
+
+def _embeddings_problem(shard_dir: Path, manifest: dict[str, Any], records: dict[str, str],
+                        metadata: dict[str, Any]) -> str | None:
+    """Why a shard's embeddings cannot be trusted, or None. Hashed here (they are small: D floats a row),
+    so a resumed extraction redoes a shard whose embeddings were altered."""
+    emb = manifest.get("embeddings")
+    if emb is None:
+        return "it has no embeddings, but the cache holds them (extract --embed)"
+    if emb["dim"] != metadata["embed"]["dim"] or records.get("embeddings_sha256") not in (None, emb["sha256"]):
+        return "its embeddings record differs from its header or the cache's metadata"
+    path = shard_dir / emb["file"]
+    if not path.is_file():
+        return "its embeddings file is missing"
+    try:
+        read_embeddings(path, emb["sha256"], rows_of(manifest), emb["dim"])
+    except CacheError as e:
+        return str(e)
     return None
 
 
@@ -93,6 +114,8 @@ def restore_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     records = []
     for shard in sorted((path / "shards").glob("shard-*.safetensors")):
+        if shard.name.endswith(".embed.safetensors"):
+            continue
         try:
             records.append((shard.name, read_header(shard).cache))
         except CacheError:
@@ -156,6 +179,7 @@ class FeatureCache:
             self.failures.update(manifest["failures"])
             self.captions.update(manifest.get("captions") or {})
         self._rows: dict[int, torch.Tensor] = {}
+        self._embeddings: dict[int, torch.Tensor] = {}
         self._pid = os.getpid()
 
     @property
@@ -186,6 +210,37 @@ class FeatureCache:
             self._rows[shard] = open_rows(self.path / "shards" / manifest["file"], expect, manifest["keys"],
                                           views_record(manifest))
         return self._rows[shard]
+
+    # ------------------------------------------------------------------ embeddings (extract --embed)
+    @property
+    def embed_dim(self) -> int | None:
+        """The image embeddings' dimension, or None when the cache holds none."""
+        return (self.metadata.get("embed") or {}).get("dim")
+
+    def embedding(self, key: str) -> torch.Tensor:
+        """(D,) float32: the key's L2-normalised image embedding (the CLIP / SigLIP head's output), or
+        (views, D) in a cache of many views per key. Checked against its shard's hash when first read."""
+        if self.embed_dim is None:
+            raise CacheError(f"{self.path} holds no image embeddings: extract with --embed")
+        shard, row = self._locate(key)
+        n = self._spans[key][0] if key in self._spans else None
+        emb = self._shard_embeddings(shard)
+        return emb[row] if n is None else emb[row:row + n]
+
+    def embeddings(self, keys: Sequence[str]) -> torch.Tensor:
+        """(B, D) float32 embeddings of one-view keys (a new tensor)."""
+        return torch.stack([self.embedding(k) for k in keys]) if keys else torch.empty(0, self.embed_dim or 0)
+
+    def _shard_embeddings(self, shard: int) -> torch.Tensor:
+        if shard not in self._embeddings:
+            manifest = self.manifests[shard]
+            emb = manifest.get("embeddings")
+            if emb is None:
+                raise CacheError(f"{self.path}: {shard_name(shard)} has no embeddings although the cache holds them; "
+                                 "re-run the extraction to redo it")
+            self._embeddings[shard] = read_embeddings(self.path / "shards" / emb["file"], emb["sha256"],
+                                                      rows_of(manifest), self.embed_dim or 0)
+        return self._embeddings[shard]
 
     def _locate(self, key: str) -> tuple[int, int]:
         try:
@@ -305,6 +360,8 @@ class FeatureCache:
                 return f"written under other settings than metadata.json says ({', '.join(diff)})"
         if file_sha256(path, start=h.data_start) != manifest["data_sha256"]:
             return "checksum mismatch"
+        if "embed" in m and (problem := _embeddings_problem(path.parent, manifest, h.records, m)):
+            return problem
         return None
 
     def dataset(self, keys: Sequence[str] | None = None) -> "CacheDataset":

@@ -17,7 +17,8 @@ import torch
 from ..errors import CacheError
 from ..faults import fault_point
 from .format import (
-    ShardWriter, header_reserve, keys_sha256, manifest_path, shard_manifest, shard_name, views_sha256, write_json_atomic,
+    ShardWriter, embeddings_name, header_reserve, keys_sha256, manifest_path, shard_manifest, shard_name, views_sha256,
+    write_embeddings, write_json_atomic,
 )
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -40,13 +41,14 @@ class CacheWriter:
 
     Rows holding NaN or inf are never written: their keys become failures saying so. Each shard's
     header records its number, its keys and `metadata` (the cache's), so reads and `verify` can check
-    the manifest against the shard itself.
+    the manifest against the shard itself. With `embed_dim`, every `rows` call also brings each row's
+    image embedding, written beside the shard at its commit and hashed in its header and manifest.
     """
 
     def __init__(self, shard_dir: Path, tokens: int, channels: int, dtype: torch.dtype, max_bytes: int = 1 << 30,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, embed_dim: int | None = None) -> None:
         self.dir, self.shape, self.dtype = Path(shard_dir), (tokens, channels), dtype
-        self.metadata = metadata
+        self.metadata, self.embed_dim = metadata, embed_dim
         self.max_bytes, self.queued = max_bytes, 0
         self.budget = threading.Condition()
         self.shards: dict[int, tuple[threading.Thread, queue.SimpleQueue]] = {}
@@ -69,11 +71,15 @@ class CacheWriter:
 
     def rows(self, shard: int, rows: torch.Tensor, keys: list[str], copied: Any = None,
              finite: torch.Tensor | None = None, views: list[int] | None = None,
-             geometry: list[dict[str, Any]] | None = None) -> None:
+             geometry: list[dict[str, Any]] | None = None, embeddings: torch.Tensor | None = None) -> None:
         """Queue (b, T, C) rows and their keys for `shard`: one row per key, or with `views` (a cache of
         many views per key) views[i] consecutive rows for key i, and its `geometry`. On CUDA, `copied` is
         the event of their device-to-host copy and `finite` a (b,) mask of rows free of NaN / inf
-        computed on the device (it is computed here otherwise)."""
+        computed on the device (it is computed here otherwise). `embeddings`: (b, D), one per row."""
+        if (embeddings is None) != (self.embed_dim is None) or (
+                embeddings is not None and tuple(embeddings.shape) != (rows.shape[0], self.embed_dim)):
+            raise CacheError(f"this writer takes {'no embeddings' if self.embed_dim is None else f'({rows.shape[0]}, {self.embed_dim}) embeddings'}"
+                             f" with {rows.shape[0]} rows; got {None if embeddings is None else tuple(embeddings.shape)}")
         if self.multi_view is not None and self.multi_view != (views is not None):
             raise CacheError("a cache holds one view per key or many, not both")
         self.multi_view = views is not None
@@ -86,7 +92,7 @@ class CacheWriter:
                 self._raise_if_failed()
             self.queued += rows.nbytes
         self._raise_if_failed()
-        self._queue(shard).put(("rows", rows, list(keys), copied, finite, views, geometry))
+        self._queue(shard).put(("rows", rows, list(keys), copied, finite, views, geometry, embeddings))
 
     def finish(self, shard: int, failures: dict[str, str], captions: dict[str, str] | None = None) -> None:
         """No more rows for `shard`: close it and commit its manifest. `failures`: its other keys -> why;
@@ -130,18 +136,23 @@ class CacheWriter:
         keys: list[str] = []
         views: list[int] = []
         geometry: list[dict[str, Any]] = []
+        embeddings: list[torch.Tensor] = []
         failures: dict[str, str] = {}
         try:
             while (item := q.get()) is not None and not self.aborting:
                 kind, *rest = item
                 if kind == "finish":
                     index = (views, geometry) if self.multi_view else None
-                    self._commit(shard, planned, writer, keys, {**failures, **rest[0]}, index, rest[1])
+                    self._commit(shard, planned, writer, keys, {**failures, **rest[0]}, index, rest[1],
+                                 torch.cat(embeddings) if embeddings else None)
                     return
-                rows, batch_keys, copied, finite, batch_views, batch_geometry = rest
+                rows, batch_keys, copied, finite, batch_views, batch_geometry, batch_emb = rest
                 if copied is not None:
                     copied.synchronize()  # the asynchronous device-to-host copy has landed
-                row_ok = (torch.isfinite(rows).flatten(1).all(1) if finite is None else finite).tolist()
+                row_ok = torch.isfinite(rows).flatten(1).all(1) if finite is None else finite
+                if batch_emb is not None:  # an embedding of NaN / inf is a bad row too
+                    row_ok = row_ok & torch.isfinite(batch_emb).all(1)
+                row_ok = row_ok.tolist()
                 counts = batch_views or [1] * len(batch_keys)
                 bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
                 ok = [all(row_ok[bounds[i]:bounds[i + 1]]) for i in range(len(counts))]  # every view of a key
@@ -153,6 +164,7 @@ class CacheWriter:
                         self.rejected |= rejected
                     keep = [r for i, good in enumerate(ok) if good for r in range(bounds[i], bounds[i + 1])]
                     rows = rows[torch.tensor(keep, dtype=torch.long)]
+                    batch_emb = None if batch_emb is None else batch_emb[torch.tensor(keep, dtype=torch.long)]
                     batch_keys = [k for k, good in zip(batch_keys, ok) if good]
                     if batch_views is not None:
                         batch_views = [v for v, good in zip(batch_views, ok) if good]
@@ -164,6 +176,8 @@ class CacheWriter:
                                              reserve)
                     writer.write(rows)
                     keys += batch_keys
+                    if batch_emb is not None:
+                        embeddings.append(batch_emb.float())
                     if batch_views is not None:
                         views += batch_views
                         geometry += batch_geometry
@@ -181,22 +195,30 @@ class CacheWriter:
 
     def _commit(self, shard: int, planned: list[str], writer: ShardWriter | None, keys: list[str],
                 failures: dict[str, str], index: tuple[list[int], list[dict[str, Any]]] | None = None,
-                captions: dict[str, str] | None = None) -> None:
+                captions: dict[str, str] | None = None, embeddings: torch.Tensor | None = None) -> None:
         if len(keys) + len(failures) != len(planned) or (set(keys) | set(failures)) != set(planned):
             raise CacheError(f"{shard_name(shard)}: {len(keys)} keys and {len(failures)} failures do not account for "
                              f"the {len(planned)} planned keys")
         digest = header = None
         nbytes, file = 0, None
         views, geometry = index if index is not None else (None, None)
+        emb = None
         if writer is not None:
             vouch = views_sha256(views, geometry) if index is not None else None
-            digest, header, nbytes = writer.close(shard=shard, keys=keys, cache=self.metadata, views=vouch)
+            extra = {}
+            if embeddings is not None:  # written first, so the shard's header can vouch for it
+                emb = {"file": embeddings_name(shard), "dim": embeddings.shape[1],
+                       "sha256": write_embeddings(self.dir / embeddings_name(shard), embeddings)}
+                extra["embeddings_sha256"] = emb["sha256"]
+            digest, header, nbytes = writer.close(shard=shard, keys=keys, cache=self.metadata, views=vouch, **extra)
             file = writer.final.name
         fault_point("manifest", shard)
         manifest = shard_manifest(shard, file, keys, failures, digest, nbytes, header, keys_sha256(planned), views,
                                   geometry)
         if captions:
             manifest["captions"] = captions
+        if emb is not None:
+            manifest["embeddings"] = emb
         write_json_atomic(manifest_path(self.dir, shard), manifest)
 
 
