@@ -109,6 +109,7 @@ def test_1_an_edited_shard_number_or_a_deleted_shard_folder_is_bad(cache, tmp_pa
     assert "run the extraction again" in proc.stderr
 
 
+@pytest.mark.slow
 def test_2_deleted_metadata_is_not_replaced_by_other_settings(model_dir, images, cache, tmp_path):
     c = copy_of(cache, tmp_path)
     (c / "metadata.json").unlink()
@@ -212,6 +213,7 @@ def test_5_only_the_non_finite_rows_of_a_batch_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------ 6: one writer per rank
+@pytest.mark.slow
 def test_6_a_second_writer_of_the_same_rank_is_refused_and_touches_nothing(model_dir, images, cache, tmp_path):
     out = copy_of(cache, tmp_path)
     (out / "shards" / "shard-000001.json").unlink()  # shard 1 is pending again: a live writer is on it
@@ -232,6 +234,7 @@ def test_6_runs_of_other_process_counts_are_refused_while_one_writes(tmp_path):
         RankLock(tmp_path, rank=0, world=2).acquire().release()  # the other rank of the same run is welcome
 
 
+@pytest.mark.slow
 def test_6_a_shard_missing_under_its_manifest_is_redone(model_dir, images, cache, tmp_path):
     c = copy_of(cache, tmp_path)
     (c / "shards" / "shard-000001.safetensors").unlink()  # e.g. deleted by a racing cleanup before the lock

@@ -100,7 +100,7 @@ def images():
 
 
 @needs
-@pytest.mark.parametrize("convention", ["transformers", "llava-next"])
+@pytest.mark.parametrize("convention", ["transformers", pytest.param("llava-next", marks=pytest.mark.slow)])
 def test_views_equal_transformers_processor(convention):
     tower = VisionTower.from_config("clip-vit-large-patch14-336")
     pinpoints = P336 if convention == "transformers" else [p[::-1] for p in P336]  # read as LLaVA-NeXT reads them

@@ -175,7 +175,8 @@ def test_timm_state_dicts_match_timm(tmp_path, timm_name):
                 assert (tower(x) - prefix[:, :1]).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("timm_name", ["vit_large_patch14_reg4_dinov2", "vit_so400m_patch14_siglip_224"])
+@pytest.mark.parametrize("timm_name", ["vit_large_patch14_reg4_dinov2",
+                                      pytest.param("vit_so400m_patch14_siglip_224", marks=pytest.mark.slow)])
 def test_vit_forward_intermediates_means_what_timms_does(tmp_path, timm_name):
     """Same weights, same arguments, same tokens: block indices from 0, ints as "the last n", block
     order, NCHW / NLC, prefix tokens paired, stop_early; `forward` is the last block's tokens."""
@@ -205,6 +206,7 @@ def test_vit_forward_intermediates_means_what_timms_does(tmp_path, timm_name):
         vit.forward_intermediates(x, [3])
 
 
+@pytest.mark.slow
 def test_timm_shape_is_matched_to_the_registry_without_tower(tmp_path):
     m = timm_model("vit_base_patch32_clip_quickgelu_224")
     path = save(m.state_dict(), tmp_path / "b32.safetensors")

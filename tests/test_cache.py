@@ -118,6 +118,7 @@ def test_bad_files_are_recorded_and_the_rest_extracted(reference_cache, corpus):
         cache["bad/empty.jpg"]
 
 
+@pytest.mark.slow
 def test_exif_rotated_photo_is_extracted_upright_with_exif(reference_cache, tiny_model_dir, corpus, tmp_path):
     """By default a tower reads pixels as stored, as LLaVA and OpenVLA do; `--exif` rotates them upright.
     The choice is recorded in the metadata, so the two caches cannot be mixed."""
@@ -209,6 +210,7 @@ def test_two_processes_give_the_single_process_cache(tiny_model_dir, corpus, tmp
     assert_same_cache(out, tmp_path / "single")
 
 
+@pytest.mark.slow
 def test_other_settings_are_refused_with_the_difference(tiny_model_dir, corpus, reference_cache):
     proc = run(tiny_model_dir, corpus, reference_cache, "--layer", "-1", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -336,6 +338,7 @@ def test_shards_are_plain_safetensors(reference_cache):
     torch.testing.assert_close(t[0], FeatureCache(reference_cache)[manifest["keys"][0]])
 
 
+@pytest.mark.slow
 def test_pooling_is_applied_and_recorded(tmp_path, corpus):
     tower = VisionTower.from_config("clip-vit-base-patch16", seed=0)  # 14x14 grid
     cfg = ExtractConfig(images=str(corpus / "gen"), out=str(tmp_path / "c"), random_init="clip-vit-base-patch16",

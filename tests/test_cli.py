@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors import safe_open
 
 from conftest import PHOTOS
@@ -32,6 +33,7 @@ def test_features_random_init_saves_and_skips_bad_files(tmp_path, capsys):
         assert f.metadata()["tower"] == "clip-vit-base-patch32"
 
 
+@pytest.mark.slow
 def test_offline_failure_is_a_message_not_a_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "vision_tower", "features", str(PHOTOS[0])],
