@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({"row": "encode_image vs get_image_features", "batch": args.batch, "dtype": "bf16",
                      "img_per_s": args.batch / t["ours"], "reference_img_per_s": args.batch / t["transformers"],
                      "ratio": t["transformers"] / t["ours"], "max_abs_diff": diff})
-        del ref
+        ref = None  # free its memory before the next rows
 
         records = [{"id": str(i), "image": f.name, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a photo of the red car"}]}

@@ -49,6 +49,14 @@ def clip_vision_dir(tmp_path):
     return tmp_path, model
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny CLIP vision tower saved by transformers, shared by the tests of a module."""
+    d = tmp_path_factory.mktemp("tiny-clip")
+    tiny_clip_vision_model(seed=0).save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def pixels():
     g = torch.Generator().manual_seed(1)
@@ -82,3 +90,27 @@ def vlm_image_features(model, pixel_values, **kwargs):
     feats = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[layer]
     feats = feats[:, 1:] if strategy == "default" else feats
     return model.multi_modal_projector(feats)
+
+
+# The synthetic image-caption world of the training tests: "{colour} {shape}" on a dark background.
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(colour: str, shape: str, rng, size: int, radius: tuple[int, int], corner: tuple[int, int] | None = None):
+    """A `colour` `shape` of a random size in `radius` at a random corner in `corner` (default: anywhere
+    it fits) on a random dark background."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
+    r = int(rng.integers(*radius))
+    x, y = (int(v) for v in rng.integers(*(corner or (1, size - r - 1)), 2))
+    box = [x, y, x + r, y + r]
+    d = ImageDraw.Draw(im)
+    if shape == "circle":
+        d.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        d.rectangle(box, fill=COLOURS[colour])
+    else:
+        d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLOURS[colour])
+    return im

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PHOTOS, tiny_clip_vision_model
+from conftest import PHOTOS
 from vision_tower import CacheError, ConfigError, ImageLoadError, VisionTower
 from vision_tower.cache import FeatureCache, RankLock
 from vision_tower.cli import main
@@ -24,13 +24,6 @@ from vision_tower.extract import ExtractConfig, extract
 from vision_tower.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig, preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-clip")
-    tiny_clip_vision_model(seed=0).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

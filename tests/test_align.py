@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import COLOURS, SHAPES, draw_shape
 from vision_tower.projector import Projector
 from vision_tower.training.align import AlignConfig, AlignError, check_fsdp_plugin, micro_batches, train
 from vision_tower.extract import ExtractConfig, extract
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-SHAPES = ("circle", "square", "triangle")
 
 
 def make_world(root: Path, n: int = 192) -> None:
@@ -36,17 +35,7 @@ def make_world(root: Path, n: int = 192) -> None:
     records = []
     for i in range(n):
         colour, shape = list(COLOURS)[i % 4], SHAPES[(i // 4) % 3]
-        im = Image.new("RGB", (56, 56), tuple(int(v) for v in rng.integers(0, 60, 3)))
-        d = ImageDraw.Draw(im)
-        x, y = (int(v) for v in rng.integers(4, 16, 2))
-        r = int(rng.integers(22, 34))
-        box = [x, y, x + r, y + r]
-        if shape == "circle":
-            d.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            d.rectangle(box, fill=COLOURS[colour])
-        else:
-            d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLOURS[colour])
+        im = draw_shape(colour, shape, rng, 56, radius=(22, 34), corner=(4, 16))
         im.save(root / "images" / f"{i:04d}.png")
         records.append({"id": str(i), "image": f"{i:04d}.png", "conversations": [
             {"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": f"{colour} {shape}"}]})

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_clip_vision_model
 from vision_tower import CacheError, VisionTower
 from vision_tower.anyres import AnyresGeometry, merge_anyres
 from vision_tower.cache import FeatureCache, Views
@@ -21,13 +20,6 @@ from vision_tower.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PINPOINTS = "[[28, 56], [56, 28], [56, 56]]"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-clip")
-    tiny_clip_vision_model(seed=0).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
-from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from conftest import COLOURS, SHAPES, draw_shape
 from vision_tower import CheckpointError
 from vision_tower.imagetext import ImageTextModel
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-SHAPES = ("circle", "square", "triangle")
 LABELS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 WORDS = ["a", "photo", "of", "the", ".", *COLOURS, *SHAPES]
 
@@ -171,19 +169,7 @@ def test_embeddings_and_tokens_in_one_pass(tmp_path):
 
 # ------------------------------------------------------------------------------ a trained tiny CLIP
 def draw(label, rng, size=32):
-    colour, shape = label.split()
-    im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 60, 3)))
-    d = ImageDraw.Draw(im)
-    r = int(rng.integers(12, 20))
-    x, y = (int(v) for v in rng.integers(1, size - r - 1, 2))
-    box = [x, y, x + r, y + r]
-    if shape == "circle":
-        d.ellipse(box, fill=COLOURS[colour])
-    elif shape == "square":
-        d.rectangle(box, fill=COLOURS[colour])
-    else:
-        d.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLOURS[colour])
-    return im
+    return draw_shape(*label.split(), rng, size, radius=(12, 20))
 
 
 def train_tiny_clip(out, shuffled=False, steps=600):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_clip_vision_model
 from vision_tower import VisionTower
 from vision_tower.cache import FeatureCache
 from vision_tower.extract import ExtractConfig, extract
@@ -50,13 +49,6 @@ def shards(tmp_path_factory):
             add(tar, f"{i:09d}.jpg", jpeg(i))
     data = (d / "00002.tar").read_bytes()
     (d / "00002.tar").write_bytes(data[: len(data) // 2])  # a download cut short
-    return d
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-clip")
-    tiny_clip_vision_model(seed=0).save_pretrained(d)
     return d
 
 
