@@ -232,3 +232,12 @@ def test_a_trained_clip_scores_matched_captions_above_mismatched(trained):
         mismatched = model.score(images, [f"a photo of a {w} ." for w in wrong])
     auc = (matched[:, None] > mismatched[None, :]).float().mean().item()
     assert auc >= 0.9 and (matched > mismatched).float().mean() >= 0.8, auc
+
+
+def test_offline_the_message_says_how_to_proceed():
+    from vision_tower import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError) as e:  # the tests run with HF_HUB_OFFLINE=1 and an empty cache
+        ImageTextModel.from_pretrained("openai/clip-vit-base-patch32")
+    assert "pass the local directory" in str(e.value) and "HF_HUB_OFFLINE" in str(e.value)
+    assert "--random-init" not in str(e.value) and "no random-weight dry run" in str(e.value)

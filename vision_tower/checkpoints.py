@@ -43,6 +43,10 @@ class Checkpoint:
     open_clip_config: dict[str, Any] | None = None  # open_clip's layout: its model_cfg and preprocess_cfg
 
 
+DRY_RUN_HINT = ("  - for a dry run with random weights of the same architecture, use `VisionTower.from_config(NAME)` "
+                "(`--random-init NAME` on the command line).")
+
+
 def offline_help(name: str, reason: str) -> str:
     return (
         f"Could not load the weights of {name!r}: {reason}\n"
@@ -50,8 +54,7 @@ def offline_help(name: str, reason: str) -> str:
         "local cache. To proceed, either:\n"
         f"  - download it where there is network (`hf download {name}`) and pass the local directory instead, or\n"
         "  - copy a Hugging Face cache that holds it to this machine and set HF_HOME and HF_HUB_OFFLINE=1, or\n"
-        "  - for a dry run with random weights of the same architecture, use `VisionTower.from_config(NAME)` "
-        "(`--random-init NAME` on the command line)."
+        + DRY_RUN_HINT
     )
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import checkpoints as ck
 from . import formats as fm
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, WeightsUnavailableError
 from .preprocess import ImageInput
 from .tower import DTypeLike, VisionTower, resolve_dtype
 from .vit import Mlp
@@ -239,7 +239,13 @@ class ImageTextModel(nn.Module):
         `select_layer` / `select_feature` set the tower's token selection (`forward_and_final`)."""
         target = resolve_dtype(dtype)
         source = os.fspath(name_or_path)
-        ckpt = ck.locate(source, revision)
+        try:
+            ckpt = ck.locate(source, revision)
+        except WeightsUnavailableError as e:  # no random-weight dry run here: the tokenizer is part of the checkpoint
+            raise WeightsUnavailableError(str(e).replace(
+                ck.DRY_RUN_HINT, "  - (an image-text model has no random-weight dry run: its tokenizer and text "
+                                 "side come with the checkpoint; a tiny CLIPModel saved with a tokenizer serves for tests)"
+            ).replace(", or\n  - (an", ".\n  - (an")) from None
         keys = ck.list_keys(ckpt.weight_files)
         kind = _kind_of(ckpt, keys)
         tower = VisionTower.from_pretrained(source, dtype=target, revision=revision, quick_gelu=quick_gelu,

@@ -170,7 +170,8 @@ def score(cfg: ScoreConfig, model: ImageTextModel | None = None) -> ScoreResult:
     if out.is_dir() or not out.parent.is_dir():
         raise ConfigError(f"--out {out}: " + ("is a directory" if out.is_dir() else "its folder does not exist"))
     if not Path(cfg.list).is_file():
-        raise ConfigError(f"--list {cfg.list} " + ("is a directory" if Path(cfg.list).is_dir() else "does not exist")
+        what = "is a directory" if Path(cfg.list).is_dir() else "is not a file" if Path(cfg.list).exists() else "does not exist"
+        raise ConfigError(f"--list {cfg.list} {what}"
                           + "; give the LLaVA JSON whose records to score")
     records = read_llava_json(cfg.list)
     pairs = [(r.index, r.images[0], r.caption) for r in records if len(r.images) == 1 and r.caption]
