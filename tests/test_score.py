@@ -119,6 +119,8 @@ def test_other_settings_a_damaged_file_and_a_second_writer_are_refused(model_dir
         fcntl.flock(held, fcntl.LOCK_EX)
         assert main(args(model_dir, other, out, "--overwrite")) == 2
         assert "another `vision-tower score` is writing" in capsys.readouterr().err
+    (tmp_path / "scores.jsonl.run.json").write_text("{")
+    assert main(args(model_dir, other, out)) == 2 and "run.json is not valid JSON" in capsys.readouterr().err
     assert main(args(model_dir, other, out, "--keep-above", "0.1")) == 2  # without --write-list
     assert "go together" in capsys.readouterr().err
 

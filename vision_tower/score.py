@@ -129,7 +129,11 @@ def read_scores(path: Path, repair: bool = False) -> list[dict[str, Any]]:
 def _claim(cfg: ScoreConfig, fingerprint: dict[str, Any]) -> None:
     """OUT.run.json says which run OUT belongs to: resume the same one, refuse another, or start over."""
     out, run = Path(cfg.out), Path(cfg.out + ".run.json")
-    old = json.loads(run.read_text()) if run.exists() else None
+    try:
+        old = json.loads(run.read_text()) if run.exists() else None
+    except ValueError:
+        raise ConfigError(f"{run} is not valid JSON (edited or damaged?); pass --overwrite to score again from the "
+                          "start, or another --out") from None
     if cfg.overwrite or (old is None and not out.exists()):
         out.unlink(missing_ok=True)
         write_json_atomic(run, fingerprint)
