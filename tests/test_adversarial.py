@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -332,7 +333,14 @@ def test_8_the_strip_image_under_a_memory_limit_is_a_recorded_failure(model_dir,
 @pytest.mark.parametrize("signal_name, code", [("INT", 130), ("TERM", 143)])
 def test_ctrl_c_and_sigterm_end_with_a_message_and_resume(model_dir, images, cache, tmp_path, signal_name, code):
     out = tmp_path / "c"
-    proc = cli(*extract_args(model_dir, images, out), env={"VISION_TOWER_FAULT": f"rows:2:{signal_name}"})
+    # A shell that starts pytest in the background (`cmd &`, nohup) leaves SIGINT ignored, and an exec keeps an
+    # ignored signal ignored: the child would never see its Ctrl-C. A handled signal is reset to the default on
+    # exec, so handle it here while the child starts, as an interactive terminal would have it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = cli(*extract_args(model_dir, images, out), env={"VISION_TOWER_FAULT": f"rows:2:{signal_name}"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "shards are complete" in proc.stderr and "run the same command to resume" in proc.stderr

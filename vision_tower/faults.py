@@ -20,6 +20,9 @@ def fault_point(point: str, value: int) -> None:
     name, _, rest = spec.partition(":")
     at, _, sig = rest.partition(":")
     if name == point and at.isdigit() and value >= int(at):
+        signum = getattr(signal, f"SIG{sig or 'KILL'}")
         if sig:
             os.environ.pop("VISION_TOWER_FAULT")  # once: the interrupted run must be able to clean up
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+            if signal.getsignal(signum) is signal.SIG_IGN:  # inherited (`cmd &`, nohup): the fault would be a no-op
+                raise RuntimeError(f"fault point {spec!r}: SIG{sig} is ignored in this process, so it cannot fire")
+        os.kill(os.getpid(), signum)
