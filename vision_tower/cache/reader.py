@@ -67,23 +67,45 @@ def check_committed(shard_dir: Path, shard: int, planned: list[str], metadata: d
         return "it holds other keys than this run plans for it"
     if manifest["file"] is None:
         return None
-    path = shard_dir / manifest["file"]
-    if not path.is_file():
+    if not (shard_dir / manifest["file"]).is_file():
         return "its file is missing"
-    if path.stat().st_size != manifest["bytes"]:
-        return f"its file has {path.stat().st_size} bytes, its manifest says {manifest['bytes']}"
+    return shard_problem(shard_dir, shard, manifest, metadata, hash_rows=False)
+
+
+def shard_problem(shard_dir: Path, shard: int, manifest: dict[str, Any], metadata: dict[str, Any], *,
+                  hash_rows: bool) -> str | None:
+    """Why the present file of a committed shard does not hold what its manifest and the cache's metadata
+    say, or None: its size, its header (against the manifest's hash), the shard's own records (number, keys,
+    views, shape, dtype, the metadata it was written under) and its embeddings; with `hash_rows` (`verify`)
+    also its rows' hash. Without it, what a resumed extraction checks of every shard it would skip."""
+    path = shard_dir / manifest["file"]
+    size = path.stat().st_size
+    if size != manifest["bytes"]:
+        return f"its file has {size} bytes, its manifest says {manifest['bytes']}"
+    shape, dtype = (rows_of(manifest), metadata["tokens"], metadata["channels"]), getattr(torch, metadata["dtype"])
     try:
+        raw = read_raw_header(path)
+        if manifest.get("header_sha256") is not None:
+            if hashlib.sha256(raw).hexdigest() != manifest["header_sha256"]:
+                return "header does not match the manifest"
+        elif "data_sha256" in manifest and raw != shard_header(*shape, dtype, reserve=len(raw)):
+            return "header does not match the manifest"  # shards written before headers recorded their keys
         h = read_header(path)
     except CacheError as e:
         return str(e)
-    if manifest.get("header_sha256") not in (None, hashlib.sha256(h.raw).hexdigest()):
-        return "its header does not match its manifest"
-    if h.shape != (rows_of(manifest), metadata["tokens"], metadata["channels"]) or \
-            h.dtype != getattr(torch, metadata["dtype"]):
+    if (h.shape, h.dtype) != (shape, dtype):
         return "its rows are not of the cache's shape and dtype"
-    if h.keys is not None and (h.keys, h.shard, h.records.get("views_sha256")) != (
-            manifest["keys"], shard, views_record(manifest)):
-        return "its own record of its keys or views differs from its manifest"
+    if h.keys is not None and (h.shard, h.keys, h.records.get("views_sha256")) != (
+            shard, manifest["keys"], views_record(manifest)):
+        return "the shard's own record of its number, keys or views differs from its manifest"
+    if h.cache is not None and (diff := metadata_diff(h.cache, metadata)):
+        return f"written under other settings than metadata.json says ({', '.join(diff)})"
+    if hash_rows:
+        if "data_sha256" not in manifest:  # the oldest manifests: a hash of the whole file
+            if file_sha256(path) != manifest["sha256"]:
+                return "checksum mismatch"
+        elif file_sha256(path, start=h.data_start) != manifest["data_sha256"]:
+            return "checksum mismatch"
     if "embed" in metadata and (problem := _embeddings_problem(shard_dir, manifest, h.records, metadata)):
         return problem
     return None
@@ -333,36 +355,9 @@ class FeatureCache:
         return bad
 
     def _check_shard(self, s: int, manifest: dict[str, Any]) -> str | None:
-        m = self.metadata
-        path = self.path / "shards" / manifest["file"]
-        if not path.is_file():
+        if not (self.path / "shards" / manifest["file"]).is_file():
             return "missing"
-        if path.stat().st_size != manifest["bytes"]:
-            return f"size {path.stat().st_size} != {manifest['bytes']}"
-        if "data_sha256" not in manifest:  # the oldest manifests: a hash of the whole file
-            return None if file_sha256(path) == manifest["sha256"] else "checksum mismatch"
-        shape = (rows_of(manifest), m["tokens"], m["channels"])
-        try:
-            raw = read_raw_header(path)
-            if manifest.get("header_sha256") is None:  # shards written before headers recorded their keys
-                if raw != shard_header(*shape, getattr(torch, m["dtype"]), reserve=len(raw)):
-                    return "header does not match the manifest"
-            elif hashlib.sha256(raw).hexdigest() != manifest["header_sha256"]:
-                return "header does not match the manifest"
-            h = read_header(path)
-        except CacheError as e:
-            return str(e)
-        if manifest.get("header_sha256") is not None:  # the shard's own records, against the manifest and metadata
-            if (h.shard, h.keys, h.shape, h.dtype, h.records.get("views_sha256")) != (
-                    s, manifest["keys"], shape, getattr(torch, m["dtype"]), views_record(manifest)):
-                return "the shard's own record of its number, keys, views or shape differs from its manifest"
-            if h.cache is not None and (diff := metadata_diff(h.cache, m)):
-                return f"written under other settings than metadata.json says ({', '.join(diff)})"
-        if file_sha256(path, start=h.data_start) != manifest["data_sha256"]:
-            return "checksum mismatch"
-        if "embed" in m and (problem := _embeddings_problem(path.parent, manifest, h.records, m)):
-            return problem
-        return None
+        return shard_problem(self.path / "shards", s, manifest, self.metadata, hash_rows=True)
 
     def dataset(self, keys: Sequence[str] | None = None) -> "CacheDataset":
         return CacheDataset(self, list(keys) if keys is not None else self.keys())
