@@ -55,16 +55,20 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write, fsync, rename: the file is either the old one or the complete new one."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, written atomically (`write_bytes_atomic`)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def file_sha256(path: Path, chunk: int = 16 << 20, start: int = 0) -> str:
@@ -263,12 +267,7 @@ def write_embeddings(path: Path, embeddings: torch.Tensor) -> str:
     from safetensors.torch import save
 
     data = save({"embeddings": embeddings.float().contiguous()}, metadata={"format": FORMAT})
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
