@@ -342,3 +342,14 @@ def test_fsdp1_without_use_orig_params_is_refused_before_training():
         check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=1))
     check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True))
     check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2))
+
+
+def test_an_llm_that_is_not_cached_offline_says_how_to_proceed_for_an_llm(tmp_path):
+    from vision_tower import WeightsUnavailableError
+    from vision_tower.training.align import load_llm
+
+    with pytest.raises(WeightsUnavailableError) as e:  # the tests run with HF_HUB_OFFLINE=1
+        load_llm(AlignConfig(data=None, llm="acme/not-cached-llm", out=str(tmp_path)))
+    msg = str(e.value)
+    assert "acme/not-cached-llm" in msg and "local directory" in msg and "causal LM" in msg
+    assert "from_config" not in msg and "--random-init" not in msg  # a tower's dry run is no way out for an LLM

@@ -55,8 +55,9 @@ def test_own_format_is_strict(tmp_path):
 
 
 def test_own_format_offline_hub_id_says_how_to_proceed():
-    with pytest.raises(WeightsUnavailableError, match="acme/projector.*local directory"):
+    with pytest.raises(WeightsUnavailableError, match="acme/projector.*local directory") as e:
         Projector.from_pretrained("acme/projector")
+    assert "build_projector" in str(e.value) and "from_config" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------- LLaVA

@@ -24,7 +24,7 @@ from .vit import ViTConfig
 
 __all__ = ["CheckpointError", "WeightsUnavailableError", "Checkpoint", "locate", "fetch_file", "fetch_config",
            "read_json", "weight_files_in", "list_keys", "read_tensors", "load_into", "state_dict_sha256",
-           "offline_help", "preprocess_from_checkpoint", "fetch_tokenizer"]
+           "offline_error", "preprocess_from_checkpoint", "fetch_tokenizer"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 OPEN_CLIP_CONFIG = "open_clip_config.json"  # {"model_cfg": ..., "preprocess_cfg": ...}, as open_clip saves for the Hub
@@ -43,19 +43,21 @@ class Checkpoint:
     open_clip_config: dict[str, Any] | None = None  # open_clip's layout: its model_cfg and preprocess_cfg
 
 
-DRY_RUN_HINT = ("  - for a dry run with random weights of the same architecture, use `VisionTower.from_config(NAME)` "
-                "(`--random-init NAME` on the command line).")
+# The last way to proceed offline, for a tower: weights of the right shape, random
+DRY_RUN_HINT = ("for a dry run with random weights of the same architecture, use `VisionTower.from_config(NAME)` "
+                "(`--random-init NAME` on the command line)")
 
 
-def offline_help(name: str, reason: str) -> str:
-    return (
-        f"Could not load the weights of {name!r}: {reason}\n"
-        "This machine cannot reach the Hugging Face Hub (or HF_HUB_OFFLINE=1 is set) and the model is not in the "
-        "local cache. To proceed, either:\n"
-        f"  - download it where there is network (`hf download {name}`) and pass the local directory instead, or\n"
-        "  - copy a Hugging Face cache that holds it to this machine and set HF_HOME and HF_HUB_OFFLINE=1, or\n"
-        + DRY_RUN_HINT
-    )
+def offline_error(name: str, reason: str, alternative: str | None = DRY_RUN_HINT) -> WeightsUnavailableError:
+    """The error for weights that are neither cached nor downloadable: what failed, and the ways to
+    proceed; `alternative` is the last of them (a tower's random-weight dry run by default; None for none)."""
+    ways = [f"download it where there is network (`hf download {name}`) and pass the local directory instead",
+            "copy a Hugging Face cache that holds it to this machine and set HF_HOME and HF_HUB_OFFLINE=1",
+            *([alternative] if alternative else [])]
+    message = (f"Could not load the weights of {name!r}: {reason}\n"
+               "This machine cannot reach the Hugging Face Hub (or HF_HUB_OFFLINE=1 is set) and the model is not in "
+               "the local cache. To proceed, either:\n" + ", or\n".join(f"  - {w}" for w in ways) + ".")
+    return WeightsUnavailableError(message, name=name, reason=reason)
 
 
 def locate(name_or_path: str, revision: str | None = None) -> Checkpoint:
@@ -127,7 +129,7 @@ def _hub_fetch(repo_id: str, filename: str, revision: str | None) -> Path | None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise WeightsUnavailableError(f"{repo_id!r} (revision {revision or 'main'}) was not found on the Hub: {e}") from e
     except OSError as e:  # network errors that huggingface_hub did not wrap
-        raise WeightsUnavailableError(offline_help(repo_id, str(e).splitlines()[0])) from e
+        raise offline_error(repo_id, str(e).splitlines()[0]) from e
 
 
 def fetch_file(name_or_path: str, filename: str, revision: str | None = None) -> Path | None:
@@ -151,9 +153,8 @@ def fetch_tokenizer(name_or_path: str, revision: str | None = None) -> Path:
     else:
         found = [p for f in TOKENIZER_FILES if (p := _hub_fetch(name_or_path, f, revision)) is not None]
     if not found:
-        raise WeightsUnavailableError(offline_help(name_or_path, "it holds no tokenizer files, or they are neither "
-                                                   "cached nor downloadable (pass tokenizer= a directory or Hub id "
-                                                   "that has them)"))
+        raise offline_error(name_or_path, "it holds no tokenizer files, or they are neither cached nor downloadable "
+                                          "(pass tokenizer= a directory or Hub id that has them)", alternative=None)
     return found[0].parent
 
 
@@ -165,7 +166,7 @@ def fetch_config(name_or_path: str, revision: str | None = None) -> dict[str, An
     if config is None:
         if path.is_dir():
             raise CheckpointError(f"{path} has no config.json; expected a directory written by transformers' save_pretrained")
-        raise WeightsUnavailableError(offline_help(name_or_path, "config.json is neither cached nor downloadable"))
+        raise offline_error(name_or_path, "config.json is neither cached nor downloadable")
     return config
 
 
@@ -176,8 +177,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
         for name in OPEN_CLIP_WEIGHTS:
             if (weights := _hub_fetch(repo_id, name, revision)) is not None:
                 return Checkpoint(repo_id, weights.parent, (weights,), {}, None, open_clip)
-        raise WeightsUnavailableError(offline_help(repo_id, f"none of {', '.join(OPEN_CLIP_WEIGHTS)} is cached or "
-                                                            "downloadable"))
+        raise offline_error(repo_id, f"none of {', '.join(OPEN_CLIP_WEIGHTS)} is cached or downloadable")
     config = fetch_config(repo_id, revision)
     for name in _WEIGHT_FILES:
         found = _hub_fetch(repo_id, name, revision)
@@ -187,14 +187,14 @@ def _from_hub(repo_id: str, revision: str | None) -> Checkpoint:
             shards = dict.fromkeys((read_json(found) or {}).get("weight_map", {}).values())
             paths = [_hub_fetch(repo_id, s, revision) for s in shards]
             if any(p is None for p in paths):
-                raise WeightsUnavailableError(offline_help(repo_id, f"some shards of {name} are neither cached nor downloadable"))
+                raise offline_error(repo_id, f"some shards of {name} are neither cached nor downloadable")
             files = tuple(p for p in paths if p is not None)
         else:
             files = (found,)
         preproc_path = _hub_fetch(repo_id, "preprocessor_config.json", revision)
         return Checkpoint(repo_id, found.parent, files, config, read_json(preproc_path) if preproc_path else None,
                           open_clip)
-    raise WeightsUnavailableError(offline_help(repo_id, f"none of {', '.join(_WEIGHT_FILES)} is cached or downloadable"))
+    raise offline_error(repo_id, f"none of {', '.join(_WEIGHT_FILES)} is cached or downloadable")
 
 
 def list_keys(files: Iterable[Path]) -> set[str]:

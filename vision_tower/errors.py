@@ -20,7 +20,12 @@ class CheckpointError(UserError, ValueError):
 
 
 class WeightsUnavailableError(UserError, OSError):
-    """The weights could not be found locally or fetched; the message says how to proceed."""
+    """The weights could not be found locally or fetched; the message says how to proceed. `name` and
+    `reason`, where set (`checkpoints.offline_error`), let a caller say it again with its own alternative."""
+
+    def __init__(self, message: str, name: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.name, self.reason = name, reason
 
 
 class CacheError(UserError, ValueError):

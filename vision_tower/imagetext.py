@@ -37,6 +37,8 @@ from .vit import Mlp
 
 Kind = Literal["clip", "siglip"]
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+NO_DRY_RUN = ("for tests, save a tiny CLIPModel with its tokenizer and pass that directory (an image-text model has no "
+              "random-weight dry run: its tokenizer and text side come with the checkpoint)")
 # CLIP's zero-shot prompt ensemble, a short subset of the ImageNet templates of its paper's notebook
 ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a photo of the large {}.",
                       "a photo of the small {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
@@ -241,11 +243,10 @@ class ImageTextModel(nn.Module):
         source = os.fspath(name_or_path)
         try:
             ckpt = ck.locate(source, revision)
-        except WeightsUnavailableError as e:  # no random-weight dry run here: the tokenizer is part of the checkpoint
-            raise WeightsUnavailableError(str(e).replace(
-                ck.DRY_RUN_HINT, "  - (an image-text model has no random-weight dry run: its tokenizer and text "
-                                 "side come with the checkpoint; a tiny CLIPModel saved with a tokenizer serves for tests)"
-            ).replace(", or\n  - (an", ".\n  - (an")) from None
+        except WeightsUnavailableError as e:  # a tower's way out, a random-weight dry run, is none here
+            if e.reason is None:
+                raise
+            raise ck.offline_error(e.name or source, e.reason, alternative=NO_DRY_RUN) from None
         keys = ck.list_keys(ckpt.weight_files)
         kind = _kind_of(ckpt, keys)
         tower = VisionTower.from_pretrained(source, dtype=target, revision=revision, quick_gelu=quick_gelu,

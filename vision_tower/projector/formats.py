@@ -17,8 +17,8 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from ..checkpoints import fetch_file, offline_help, read_json, read_tensors, weight_files_in
-from ..errors import CheckpointError, ConfigError, WeightsUnavailableError
+from ..checkpoints import fetch_file, offline_error, read_json, read_tensors, weight_files_in
+from ..errors import CheckpointError, ConfigError
 from ..registry import REGISTRY, TowerSpec
 
 CONFIG_FIELDS = ("kind", "in_features", "out_features", "tower", "select_layer", "select_feature", "cast_to_input")
@@ -119,7 +119,8 @@ def read_pretrained(name_or_path: str | Path, revision: str | None = None,
     if config_path is None or weights is None:
         if Path(name).is_dir():
             raise CheckpointError(f"{name} is not a projector directory: it needs config.json and model.safetensors")
-        raise WeightsUnavailableError(offline_help(name, "config.json / model.safetensors are neither cached nor downloadable"))
+        raise offline_error(name, "config.json / model.safetensors are neither cached nor downloadable",
+                            alternative="to train a new projector instead, build_projector(kind, in_features, out_features)")
     config = read_json(config_path) or {}
     missing = [f for f in ("kind", "in_features", "out_features") if f not in config]
     if missing:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..cache import FeatureCache
 from ..data import read_llava_json, resolve_key, safe_path
 from ..distributed import dist_env
-from ..errors import CacheError, ConfigError, ImageLoadError, UserError, WeightsUnavailableError
+from ..errors import CacheError, ConfigError, ImageLoadError, UserError
 from ..faults import fault_point
 from ..projector import Projector, build_projector
 from ..tower import VisionTower, build_tower
@@ -236,7 +236,7 @@ class AlignModel(nn.Module):
 def load_llm(cfg: AlignConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..checkpoints import offline_help
+    from ..checkpoints import offline_error
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
@@ -244,7 +244,9 @@ def load_llm(cfg: AlignConfig):
     except OSError as e:
         if Path(cfg.llm).exists():
             raise AlignError(f"--llm {cfg.llm}: {e}") from e
-        raise WeightsUnavailableError(offline_help(cfg.llm, str(e).splitlines()[0])) from e
+        raise offline_error(cfg.llm, str(e).splitlines()[0], alternative=(
+            "for a dry run, save a tiny randomly initialised causal LM and its tokenizer with save_pretrained and "
+            "pass that directory as --llm")) from e
     if cfg.pad_token is not None:
         tokenizer.pad_token = cfg.pad_token
     if tokenizer.pad_token_id is None:
