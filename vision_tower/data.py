@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import ConfigError, ImageLoadError
@@ -26,6 +26,7 @@ class LlavaRecord:
     images: tuple[str, ...]  # image keys: none (text-only), one, or several (multi-image records)
     caption: str | None  # the first `gpt` turn, stripped; None without one
     videos: tuple[str, ...] = ()  # LLaVA-Video records name a `video` instead
+    raw: dict = field(default_factory=dict, repr=False, compare=False)  # the record as the file has it
 
 
 def read_llava_json(path: str | os.PathLike) -> list[LlavaRecord]:
@@ -57,7 +58,7 @@ def _record(path: Path, i: int, r: object) -> LlavaRecord:
     caption = next((t.get("value") for t in turns if t.get("from") == "gpt"), None)
     if caption is not None and not isinstance(caption, str):
         raise ConfigError(f"{path}: record {i}'s gpt turn has value {_short(caption)}; expected text")
-    return LlavaRecord(i, images, caption.strip() if caption is not None else None, videos)
+    return LlavaRecord(i, images, caption.strip() if caption is not None else None, videos, r)
 
 
 def _paths(path: Path, i: int, r: dict, field: str) -> tuple[str, ...]:

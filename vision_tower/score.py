@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .cache.format import write_json_atomic
 from .checkpoints import state_dict_sha256
-from .data import read_llava_json, resolve_key
+from .data import LlavaRecord, read_llava_json, resolve_key
 from .distributed import dist_env, resolve_device
 from .errors import ConfigError, ImageLoadError
 from .faults import fault_point
@@ -193,18 +193,17 @@ def score(cfg: ScoreConfig, model: ImageTextModel | None = None) -> ScoreResult:
         _claim(cfg, fingerprint)
         done = {r["index"] for r in read_scores(out, repair=True)}
         result.resumed = sum(i in done for i, _, _ in pairs)
-        _score_pending(cfg, model, root, [p for p in pairs if p[0] not in done], result)
+        _score_pending(cfg, model, root, records, [p for p in pairs if p[0] not in done], result)
     finally:
         lock.close()
     result.seconds = time.perf_counter() - start
-    return _finish(cfg, read_scores(out), result)
+    return _finish(cfg, records, read_scores(out), result)
 
 
-def _score_pending(cfg: ScoreConfig, model: ImageTextModel, root: Path, pending: list[tuple[int, str, str]],
-                   result: ScoreResult) -> None:
+def _score_pending(cfg: ScoreConfig, model: ImageTextModel, root: Path, records: list[LlavaRecord],
+                   pending: list[tuple[int, str, str]], result: ScoreResult) -> None:
     from tqdm import tqdm
 
-    raw = json.loads(Path(cfg.list).read_text())  # for the records' own ids
     loader = DataLoader(_Pairs(root, [key for _, key, _ in pending], model.tower.transform()),
                         batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
                         prefetch_factor=4 if cfg.num_workers else None)
@@ -216,7 +215,7 @@ def _score_pending(cfg: ScoreConfig, model: ImageTextModel, root: Path, pending:
             for i, _, err in batch:
                 if err is not None:
                     index, key, _ = pending[i]
-                    lines[i] = {"index": index, "id": raw[index].get("id"), "image": key, "error": err}
+                    lines[i] = {"index": index, "id": records[index].raw.get("id"), "image": key, "error": err}
             if ok:
                 with torch.inference_mode():
                     img = model.encode_image(torch.stack([px for _, px in ok]))  # (b, D)
@@ -224,7 +223,8 @@ def _score_pending(cfg: ScoreConfig, model: ImageTextModel, root: Path, pending:
                     cos, logit = (img * txt).sum(-1), model.pair_logits(img, txt)  # (b,) each
                 for (i, _), c, lg in zip(ok, cos.tolist(), logit.tolist()):
                     index, key, _ = pending[i]
-                    lines[i] = {"index": index, "id": raw[index].get("id"), "image": key, "score": c, "logit": lg}
+                    lines[i] = {"index": index, "id": records[index].raw.get("id"), "image": key, "score": c,
+                                "logit": lg}
             f.write("".join(json.dumps(lines[i]) + "\n" for i in sorted(lines)))
             f.flush()
             os.fsync(f.fileno())  # what is written is kept, whatever stops the run
@@ -234,7 +234,8 @@ def _score_pending(cfg: ScoreConfig, model: ImageTextModel, root: Path, pending:
             fault_point("score_lines", written)
 
 
-def _finish(cfg: ScoreConfig, lines: list[dict[str, Any]], result: ScoreResult) -> ScoreResult:
+def _finish(cfg: ScoreConfig, records: list[LlavaRecord], lines: list[dict[str, Any]],
+            result: ScoreResult) -> ScoreResult:
     scores = [r["score"] for r in lines if "score" in r]
     result.failed = sum("error" in r for r in lines)
     if scores:
@@ -243,7 +244,7 @@ def _finish(cfg: ScoreConfig, lines: list[dict[str, Any]], result: ScoreResult) 
         result.histogram = cfg.histogram or str(Path(cfg.out).with_suffix(".png"))
         write_histogram(scores, Path(result.histogram), cfg.keep_above)
     if cfg.keep_above is not None and cfg.write_list is not None:
-        result.kept = write_kept(cfg.list, lines, cfg.keep_above, Path(cfg.write_list))
+        result.kept = write_kept(records, lines, cfg.keep_above, Path(cfg.write_list))
     return result
 
 
@@ -255,11 +256,11 @@ def _percentile(ordered: list[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (x - lo)
 
 
-def write_kept(list_path: str, lines: list[dict[str, Any]], threshold: float, out: Path) -> int:
-    """The LLaVA JSON's records whose pair scored above `threshold`, in their order, written atomically."""
-    raw = json.loads(Path(list_path).read_text())
+def write_kept(records: list[LlavaRecord], lines: list[dict[str, Any]], threshold: float, out: Path) -> int:
+    """The records (as the LLaVA JSON has them) whose pair scored above `threshold`, in their order,
+    written atomically."""
     keep = {r["index"] for r in lines if r.get("score", -math.inf) > threshold}
-    kept = [r for i, r in enumerate(raw) if i in keep]
+    kept = [r.raw for r in records if r.index in keep]
     write_json_atomic(out, kept)
     return len(kept)
 
