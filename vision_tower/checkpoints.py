@@ -23,7 +23,7 @@ from .preprocess import PreprocessConfig
 from .vit import ViTConfig
 
 __all__ = ["CheckpointError", "WeightsUnavailableError", "Checkpoint", "locate", "fetch_file", "fetch_config",
-           "read_json", "weight_files_in", "list_keys", "read_tensors", "load_into", "state_dict_sha256",
+           "read_json", "weight_files_in", "list_keys", "read_tensors", "refuse_empty", "load_into", "state_dict_sha256",
            "offline_error", "preprocess_from_checkpoint", "fetch_tokenizer"]
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -251,12 +251,17 @@ def read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: torc
     Empty tensors are refused: they are what a DeepSpeed ZeRO-3 save leaves of partitioned parameters,
     and converters would otherwise report them as a confusing shape mismatch."""
     out = _read_tensors(files, keep, dtype)
-    empty = sorted(k for k, v in out.items() if v.numel() == 0)
+    refuse_empty(out)
+    return out
+
+
+def refuse_empty(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise, listing them, if any tensor is empty: what a ZeRO-3 save leaves of partitioned parameters."""
+    empty = sorted(k for k, v in tensors.items() if v.numel() == 0)
     if empty:
         more = f" and {len(empty) - 20} more" if len(empty) > 20 else ""
         raise CheckpointError(f"empty tensors {empty[:20]}{more}: the checkpoint was saved under DeepSpeed ZeRO-3 "
                               "without gathering the parameters (gather them when saving, or use zero_to_fp32.py)")
-    return out
 
 
 def _read_tensors(files: Iterable[Path], keep: Callable[[str], bool], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Protocol
 
 import torch
 
-from ..checkpoints import fetch_file, offline_error, read_json, read_tensors, weight_files_in
+from ..checkpoints import fetch_file, offline_error, read_json, read_tensors, refuse_empty, weight_files_in
 from ..errors import CheckpointError, ConfigError
 from ..registry import REGISTRY, TowerSpec
 
@@ -60,6 +60,7 @@ def _read(src: str | Path | Mapping[str, torch.Tensor], marker: str,
     `src` is a state dict, a weights file (.bin / .pt / .safetensors) or a directory."""
     if isinstance(src, Mapping):
         raw = {k: v for k, v in src.items() if marker in k}
+        refuse_empty(raw)  # (read_tensors checks what it reads from files)
     else:
         path = Path(src)
         if path.is_dir():
@@ -71,11 +72,6 @@ def _read(src: str | Path | Mapping[str, torch.Tensor], marker: str,
         raw = read_tensors(paths, keep=lambda k: marker in k)
     if not raw and not allow_empty:
         raise CheckpointError(f"{'the state dict' if isinstance(src, Mapping) else src} holds no tensors named *{marker}*")
-    empty = sorted(k for k, v in raw.items() if v.numel() == 0)
-    if empty:
-        raise CheckpointError(
-            f"empty tensors {empty}: the checkpoint was saved under DeepSpeed ZeRO-3 without gathering the parameters"
-        )
     return {k.rsplit(marker, 1)[1]: v for k, v in raw.items()}
 
 
@@ -142,10 +138,8 @@ def read_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> Projecto
             raise CheckpointError(f"{path}: config.json says mm_projector_type identity, but the file holds tensors")
         if "mm_hidden_size" not in cfg:
             raise CheckpointError(f"{directory / 'config.json'} lacks mm_hidden_size, the identity projector's width")
-        provenance = {"tower": cfg.get("mm_vision_tower"), "select_layer": cfg.get("mm_vision_select_layer"),
-                      "select_feature": cfg.get("mm_vision_select_feature")}
         return ProjectorWeights("identity", cfg["mm_hidden_size"], cfg.get("hidden_size", cfg["mm_hidden_size"]), {},
-                                str(path), provenance)
+                                str(path), _llava_provenance(cfg))
     try:
         sd = _read(path, "mm_projector.")
     except CheckpointError as e:
@@ -159,9 +153,14 @@ def read_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> Projecto
     if "mm_projector_type" in cfg:
         kind = cfg["mm_projector_type"]
         in_f, out_f = cfg.get("mm_hidden_size", in_f), cfg.get("hidden_size", out_f)
-    provenance = {"tower": cfg.get("mm_vision_tower"), "select_layer": cfg.get("mm_vision_select_layer"),
-                  "select_feature": cfg.get("mm_vision_select_feature")}
-    return ProjectorWeights(kind, in_f, out_f, {k: v.to(dtype) for k, v in sd.items()}, str(path), provenance)
+    return ProjectorWeights(kind, in_f, out_f, {k: v.to(dtype) for k, v in sd.items()}, str(path),
+                            _llava_provenance(cfg))
+
+
+def _llava_provenance(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The vision features a LLaVA config says its projector was trained on."""
+    return {"tower": cfg.get("mm_vision_tower"), "select_layer": cfg.get("mm_vision_select_layer"),
+            "select_feature": cfg.get("mm_vision_select_feature")}
 
 
 def write_llava(proj: ProjectorLike, directory: str | Path, *, select_layer: int | None = None,
@@ -213,15 +212,16 @@ def read_hf_llava(src: str | Path | Mapping[str, torch.Tensor], dtype: torch.dty
     except KeyError:
         raise CheckpointError(f"unexpected transformers LLaVA projector keys: {sorted(sd)}") from None
     provenance: dict[str, Any] = {}
-    if not isinstance(src, Mapping) and (cfg := read_json(Path(src) / "config.json")) is not None:
+    cfg = None if isinstance(src, Mapping) else read_json(Path(src) / "config.json")
+    if cfg is not None:
         if cfg.get("projector_hidden_act", "gelu") != "gelu":
             raise CheckpointError(f"projector_hidden_act={cfg['projector_hidden_act']!r}; only exact 'gelu' is supported")
-        provenance = {"select_layer": cfg.get("vision_feature_layer"),
-                      "select_feature": _STRATEGY_TO_FEATURE.get(cfg.get("vision_feature_select_strategy", ""))}
+        if cfg.get("model_type") == "paligemma":
+            provenance = {"select_layer": -1, "select_feature": "patch"}  # SigLIP's last_hidden_state
+        else:
+            provenance = {"select_layer": cfg.get("vision_feature_layer"),
+                          "select_feature": _STRATEGY_TO_FEATURE.get(cfg.get("vision_feature_select_strategy", ""))}
     kind, in_f, out_f = _infer_kind(sd, three_linears="mlp3x_gelu")
-    if not isinstance(src, Mapping) and (cfg := read_json(Path(src) / "config.json")) and \
-            cfg.get("model_type") == "paligemma":
-        provenance = {"select_layer": -1, "select_feature": "patch"}  # SigLIP's last_hidden_state
     return ProjectorWeights(kind, in_f, out_f, {k: v.to(dtype) for k, v in sd.items()}, _source(src), provenance)
 
 
