@@ -32,7 +32,7 @@ from .checkpoints import state_dict_sha256
 from .data import IMAGE_SUFFIXES, list_keys, safe_path  # noqa: F401  (list_keys, safe_path: imported from here before)
 from .distributed import dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
 from .errors import CheckpointError, ConfigError, ImageLoadError, Interrupted, Terminated
-from .anyres import CONVENTIONS, default_pinpoints, preprocess_anyres
+from .anyres import CONVENTIONS, preprocess_anyres
 from .imagetext import ImageHead, load_image_head
 from .pooling import pool_tokens
 from .preprocess import Mode, load_image
@@ -287,9 +287,7 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     prep = tower.transform(cfg.preprocess, alpha=cfg.alpha, exif=cfg.exif)
     n_parts = len(prep.configs)
     if cfg.views is not None:
-        prep = ManyViews(prep.configs, cfg.views,
-                         cfg.grid_pinpoints or tower.anyres_defaults.get("grid_pinpoints", default_pinpoints(tower.image_size)),
-                         cfg.anyres_convention or tower.anyres_defaults.get("convention", "llava-next"),
+        prep = ManyViews(prep.configs, cfg.views, *tower.anyres_settings(cfg.grid_pinpoints, cfg.anyres_convention),
                          cfg.num_frames, cfg.fps, cfg.frame_sampler)
     head = None
     if cfg.embed:

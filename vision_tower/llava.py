@@ -33,7 +33,8 @@ from torch import nn
 from . import formats as fm
 from .errors import CheckpointError, ConfigError
 from .loading import TowerWeights, describe, load_hf_vision
-from .tower import VisionTower
+from .preprocess import ImageProcessor
+from .tower import VisionTower, default_feature
 from .vit import PatchGeometry, ViTConfig, VisionTransformer
 
 logger = logging.getLogger(__name__)
@@ -101,11 +102,9 @@ class LlavaLayoutTower(VisionTower):
         self.family, self.name, self.source, self.revision = weights.family, weights.name, weights.source, None
         self.post_norm = False
         self.preprocess_config = weights.preprocess
-        from .preprocess import ImageProcessor
-
         self.image_processor = ImageProcessor(weights.preprocess)
         self.select_layer = select_layer
-        self.select_feature = select_feature or ("cls_patch" if arch.class_token else "patch")
+        self.select_feature = select_feature or default_feature(arch)
         self._register_load_state_dict_pre_hook(_accept_flat_names)
         self.load_hf(raw)
 
@@ -136,7 +135,6 @@ class LlavaLayoutTower(VisionTower):
     def forward(self, pixel_values: torch.Tensor, layers: Any = None, feature: str | None = None) -> torch.Tensor:
         self._bind()
         return super().forward(pixel_values, layers, feature)
-
 
 
 def _accept_flat_names(state_dict, prefix, *args) -> None:

@@ -90,7 +90,7 @@ class VisionTower(nn.Module, PatchGeometry):
         self.preprocess_config = preprocess_config
         self.image_processor = ImageProcessor(preprocess_config)
         self.select_layer = select_layer  # validated by the setters below
-        self.select_feature = select_feature or _default_feature(arch)
+        self.select_feature = select_feature or default_feature(arch)
         if post_norm and self.vit.norm is None:
             raise ConfigError("post_norm needs the final norm: build the tower with ViTConfig(final_norm=True)")
         self.freeze()
@@ -264,9 +264,7 @@ class VisionTower(nn.Module, PatchGeometry):
         default to what the checkpoint states (a VLM checkpoint's), else LLaVA-1.6's list and
         "llava-next"."""
         configs = self.transform().configs
-        pinpoints = grid_pinpoints if grid_pinpoints is not None else self.anyres_defaults.get(
-            "grid_pinpoints", default_pinpoints(self.image_size))
-        convention = convention or self.anyres_defaults.get("convention", "llava-next")
+        pinpoints, convention = self.anyres_settings(grid_pinpoints, convention)
         return [preprocess_anyres(load_image(im, configs[0].alpha, configs[0].exif), configs, pinpoints, convention)
                 for im in as_frames(images)]
 
@@ -291,6 +289,13 @@ class VisionTower(nn.Module, PatchGeometry):
         LLaVA-NeXT-Video then pools each frame's grid (`pool_tokens`, stride 2: 576 -> 144 on CLIP-L/14@336)."""
         feats = self(torch.cat([c.pixels for c in clips]))  # (sum frames, N, C)
         return list(feats.split([c.geometry.num_views for c in clips]))
+
+    def anyres_settings(self, grid_pinpoints: Any = None, convention: str | None = None) -> tuple[Any, str]:
+        """(grid pinpoints, convention) for anyres views: those given, else what the checkpoint states,
+        else LLaVA-1.6's pinpoints (at this tower's tile size) and "llava-next"."""
+        if grid_pinpoints is None:
+            grid_pinpoints = self.anyres_defaults.get("grid_pinpoints", default_pinpoints(self.image_size))
+        return grid_pinpoints, convention or self.anyres_defaults.get("convention", "llava-next")
 
     @property
     def anyres_defaults(self) -> dict[str, Any]:
@@ -369,7 +374,8 @@ class VisionTower(nn.Module, PatchGeometry):
                 f"select_feature={self._select_feature!r}, frozen={self.frozen}")
 
 
-def _default_feature(arch: ViTConfig) -> Feature:
+def default_feature(arch: ViTConfig) -> Feature:
+    """The widest selection a ViT offers: its CLS and patch tokens, or all of its tokens without a CLS."""
     return "cls_patch" if arch.class_token else "patch"
 
 
