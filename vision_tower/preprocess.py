@@ -340,8 +340,8 @@ class ImageProcessor:
     def preprocess(self, images: ImageInput | Iterable[ImageInput], return_tensors: str | None = "pt", **kwargs: Any):
         from transformers import BatchFeature
 
-        if not isinstance(images, _SINGLE_INPUTS) or getattr(images, "ndim", 0) == 4:  # a video: its frames
-            images = as_frames(images) if getattr(images, "ndim", 0) == 4 else list(images)
+        if not isinstance(images, _SINGLE_INPUTS):  # any iterable; `preprocess` splits a (T, H, W, C) video itself
+            images = list(images)
         pixels = preprocess(images, self.current_config(), kwargs.get("mode", self.mode))
         if return_tensors in (None, "np"):
             data = list(pixels.numpy()) if return_tensors is None else pixels.numpy()
