@@ -181,8 +181,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 print(f"failed: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            logits = model.logits(model.encode_image(pixels), classifier)[0]  # (L,)
-            probs = logits.softmax(-1) if model.kind == "clip" else logits.sigmoid()
+            probs = model.label_probs(model.logits(model.encode_image(pixels), classifier)[0])  # (L,)
             top = probs.topk(min(args.top, len(labels)))
             print(f"{path}\t" + "\t".join(f"{labels[i]} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
             done += 1

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import (
@@ -204,7 +203,7 @@ class Encoder:
             feats, emb = self.tower(pixels), None  # (B, T, C): only the blocks up to the selected layer
         else:  # every block: the head reads the last one
             feats, final = self.tower.forward_and_final(pixels)
-            emb = F.normalize(self.head(final).float(), dim=-1)  # (B, D)
+            emb = self.head.embed(final)  # (B, D), L2-normalised
         return (self.pool(feats) if self.pool else feats), emb
 
 

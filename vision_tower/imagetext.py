@@ -75,6 +75,11 @@ class ImageHead(nn.Module):
         h = h + self.mlp(self.layernorm(h))
         return h[:, 0]  # (B, C)
 
+    def embed(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, D) float32 image embeddings of the last block's tokens, L2-normalised unless `normalize=False`."""
+        emb = self(tokens).float()
+        return F.normalize(emb, dim=-1) if normalize else emb
+
 
 # ----------------------------------------------------------------------------------------- loading
 def _kind_of(ckpt: ck.Checkpoint, keys: set[str]) -> Kind | str:
@@ -289,8 +294,7 @@ class ImageTextModel(nn.Module):
 
     def embed_final(self, final: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """The last block's tokens (`tower.forward_and_final(...)[1]`) -> (B, D) float32 embeddings."""
-        emb = self.head(final).float()
-        return F.normalize(emb, dim=-1) if normalize else emb
+        return self.head.embed(final, normalize)
 
     def encode_image(self, images: torch.Tensor | ImageInput | Sequence[ImageInput], normalize: bool = True) -> torch.Tensor:
         """(B, D) float32 image embeddings, L2-normalised unless `normalize=False`, from pixels (B, 3, S, S)
@@ -350,9 +354,12 @@ class ImageTextModel(nn.Module):
 
     def classify(self, images: torch.Tensor | ImageInput | Sequence[ImageInput], labels: Sequence[str],
                  templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
-        """(B, L) probabilities: a softmax over the labels for CLIP (they compete), a sigmoid for
+        """(B, L) probabilities (`label_probs`) of each image for each label's prompts."""
+        return self.label_probs(self.logits(self.encode_image(images), self.text_classifier(labels, templates)))
+
+    def label_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over labels (..., L) -> probabilities: a softmax for CLIP (the labels compete), a sigmoid for
         SigLIP (each label is judged on its own, as it was trained)."""
-        logits = self.logits(self.encode_image(images), self.text_classifier(labels, templates))
         return logits.softmax(dim=-1) if self.kind == "clip" else logits.sigmoid()
 
     def score(self, images: torch.Tensor | ImageInput | Sequence[ImageInput], captions: Sequence[str]) -> torch.Tensor:
