@@ -206,6 +206,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .anyres import CONVENTIONS  # the choices of options, from the modules that define them
+    from .extract import POOLS
+    from .tower import FEATURES
+    from .video import SAMPLERS
+    from .vit import ATTN_IMPLEMENTATIONS
+
     p = argparse.ArgumentParser(prog="vision-tower", description="Vision towers for LLaVA- and OpenVLA-style models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -219,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-init", metavar="NAME", help="random weights of registry tower NAME (dry run, no download)")
     f.add_argument("--layer", type=int, nargs="+", default=[-2],
                    help="hidden-state index (default -2); several are concatenated on the channel axis")
-    f.add_argument("--feature", choices=("cls_patch", "patch", "cls"), default=None,
+    f.add_argument("--feature", choices=FEATURES, default=None,
                    help="default: cls_patch where the tower has a CLS token, else patch")
     f.add_argument("--preprocess", choices=MODES, default=None, help="default: the checkpoint's own (crop for CLIP)")
     f.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
@@ -227,8 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, help="write the features to this .safetensors file (one tensor per image)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_features)
-
-    from .extract import POOLS  # noqa: E402 (the list of --pool choices)
 
     e = sub.add_parser("extract", help="precompute features for a dataset into a resumable cache")
     e.add_argument("--images", required=True, help="image root; keys are paths relative to it")
@@ -239,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-init", metavar="NAME", help="random weights of registry tower NAME (dry run)")
     e.add_argument("--seed", type=int, default=0, help="seed of --random-init weights")
     e.add_argument("--layer", type=int, nargs="+", default=[-2])
-    e.add_argument("--feature", choices=("cls_patch", "patch", "cls"), default=None,
+    e.add_argument("--feature", choices=FEATURES, default=None,
                    help="default: cls_patch where the tower has a CLS token (keep the superset), else patch")
     e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     e.add_argument("--preprocess", choices=MODES, default=None, help="default: the checkpoint's own")
@@ -255,12 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--images holds videos (LLaVA JSON: records' 'video'): store sampled frames per video")
     e.add_argument("--grid-pinpoints", help="anyres: JSON pairs ('[[336, 672], ...]') or '(1x1),...,(6x6)'; "
                                             "default the checkpoint's, else LLaVA-1.6's")
-    e.add_argument("--anyres-convention", choices=("llava-next", "transformers"),
+    e.add_argument("--anyres-convention", choices=CONVENTIONS,
                    help="anyres: read sizes as (W, H) like LLaVA-NeXT's code or (H, W) like transformers; default "
                         "the checkpoint's format's, else llava-next")
     e.add_argument("--num-frames", type=int, help="video: frames per video (with --fps: at most)")
     e.add_argument("--fps", type=float, help="video: sample by frame rate first (LLaVA-NeXT-Video's video_fps)")
-    e.add_argument("--frame-sampler", choices=("llava-next", "transformers"), default="llava-next",
+    e.add_argument("--frame-sampler", choices=SAMPLERS, default="llava-next",
                    help="video: LLaVA-NeXT-Video's uniform sampler or transformers' (default llava-next)")
     e.add_argument("--batch-size", type=int, default=32, help="images (or videos) per forward")
     e.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -271,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store each image's CLIP / SigLIP embedding (the checkpoint's image head; the forward "
                         "runs every block); read them with FeatureCache.embedding(key)")
     e.add_argument("--compile", action="store_true", help="torch.compile the tower (one-time cost, faster after)")
-    e.add_argument("--attn-implementation", choices=("sdpa", "eager", "native"), default=None,
+    e.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=None,
                    help="sdpa (default, matches transformers exactly); native: 1.13-1.16x faster bf16 on CPUs, other rounding")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_extract)
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--random-init-tower", metavar="NAME", help="online with a random-weight registry tower (dry run)")
     a.add_argument("--projector", default="mlp2x_gelu", help="kind, or a save_pretrained directory to start from")
     a.add_argument("--layer", type=int, nargs="+", default=[-2])
-    a.add_argument("--feature", choices=("patch", "cls_patch", "cls"), default="patch")
+    a.add_argument("--feature", choices=FEATURES, default="patch")
     a.add_argument("--lr", type=float, default=1e-3)
     a.add_argument("--batch-size", type=int, default=256, help="global batch")
     a.add_argument("--micro-batch-size", type=int, default=32)
