@@ -134,7 +134,7 @@ def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, f
     prefixes = {k[: k.rfind("vision_tower.") + len("vision_tower.")] for k in keys if "vision_tower." in k}
     prefix = max(prefixes, key=len) if prefixes else None
     if "mm_vision_tower" in cfg:
-        return _from_llava_checkpoint(ckpt, prefix, dtype, revision)
+        return _from_llava_checkpoint(ckpt, keys, prefix, dtype, revision)
     vc = cfg.get("vision_config")
     if not isinstance(vc, dict) or prefix is None:
         raise CheckpointError(f"{ckpt.source} is a {cfg.get('model_type')!r} checkpoint without "
@@ -143,8 +143,7 @@ def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, f
     paligemma = cfg.get("model_type") == "paligemma"  # its image features are SigLIP's last_hidden_state (post-norm)
     post_norm = paligemma if final_norm is None else final_norm
     arch = replace(fm.hf_arch(vc, image_size), final_norm=post_norm)
-    raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(prefix), dtype=dtype)
-    weights = fm.convert_hf({k[len(prefix):]: v for k, v in raw.items()}, arch, family)
+    weights = fm.convert_hf(_read_under(ckpt, prefix, dtype), arch, family)
     defaults: dict[str, Any] = {"post_norm": post_norm}
     if paligemma:
         defaults["select_layer"] = -1
@@ -175,7 +174,7 @@ def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, f
     return TowerWeights(arch, pre, family, ckpt.source, ckpt.source, weights, defaults)
 
 
-def _from_llava_checkpoint(ckpt: ck.Checkpoint, prefix: str | None, dtype: torch.dtype,
+def _from_llava_checkpoint(ckpt: ck.Checkpoint, keys: set[str], prefix: str | None, dtype: torch.dtype,
                            revision: str | None) -> TowerWeights:
     cfg = ckpt.config
     tower = cfg["mm_vision_tower"]
@@ -194,12 +193,11 @@ def _from_llava_checkpoint(ckpt: ck.Checkpoint, prefix: str | None, dtype: torch
             family, arch = fm.hf_family(tower_cfg, tower), fm.hf_arch(tower_cfg)
             found = ck.fetch_file(tower, "preprocessor_config.json", revision)
             pre = _checkpoint_preprocess(ck.read_json(found) if found else None, arch, family, alpha="drop")
-        depth = 1 + max(int(k[len(prefix):].split("layers.")[1].split(".")[0]) for k in ck.list_keys(ckpt.weight_files)
+        depth = 1 + max(int(k[len(prefix):].split("layers.")[1].split(".")[0]) for k in keys
                         if k.startswith(prefix) and "layers." in k)
         truncated = depth < arch.depth  # LLaVA-NeXT's SigLIP tower drops its last block
         arch = replace(arch, depth=depth)
-        raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(prefix), dtype=dtype)
-        weights = fm.convert_hf({k[len(prefix):]: v for k, v in raw.items()}, arch, family)
+        weights = fm.convert_hf(_read_under(ckpt, prefix, dtype), arch, family)
     if family == "siglip":  # LLaVA-NeXT: the last hidden state of the tower without its last block
         defaults: dict[str, Any] = {"select_layer": -1 if truncated else -2, "select_feature": "patch"}
     else:
@@ -216,6 +214,12 @@ def _from_llava_checkpoint(ckpt: ck.Checkpoint, prefix: str | None, dtype: torch
     mode = "pad" if aspect == "pad" else pre.default_mode
     pre = replace(pre, default_mode=mode, alpha="drop", exif=False)  # LLaVA: Image.open(...).convert("RGB")
     return TowerWeights(arch, pre, family, spec.name if spec else tower, ckpt.source, weights, defaults)
+
+
+def _read_under(ckpt: ck.Checkpoint, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under `prefix`, named without it."""
+    raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(prefix), dtype=dtype)
+    return {k[len(prefix):]: v for k, v in raw.items()}
 
 
 def _anyres_max(aspect: str) -> int | None:
@@ -260,8 +264,7 @@ def _from_foreign(ckpt: ck.Checkpoint, fmt: str, prefix: str, spec: TowerSpec | 
                   image_size: int | None, dtype: torch.dtype) -> TowerWeights:
     """timm / open_clip / OpenAI weights under `prefix`: their shape picks the registry tower that
     supplies what such files do not record (heads, eps, activation)."""
-    raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(prefix), dtype=dtype)
-    raw = {k[len(prefix):]: v for k, v in raw.items()}
+    raw = _read_under(ckpt, prefix, dtype)
     if not raw:
         raise CheckpointError(f"{ckpt.source} holds no tensors under {prefix!r}")
     clip_like = fmt in ("open_clip", "openai")
