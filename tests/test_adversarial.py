@@ -206,6 +206,28 @@ def test_5_only_the_non_finite_rows_of_a_batch_are_refused(tmp_path):
     assert writer.rejected.keys() == {"b"}
 
 
+def test_5_a_non_finite_view_refuses_its_key_and_keeps_the_other_keys_views(tmp_path):
+    from vision_tower.cache import CacheWriter, FeatureCache, cache_metadata
+
+    meta = cache_metadata(model=None, random_init="x", seed=0, revision=None, weights_sha256="0", tower="t",
+                          family="clip", image_size=28, preprocess={}, layer=-2, feature="patch", pool="none",
+                          attn_implementation="sdpa", dtype=torch.float32, tokens=2, channels=3, shard_size=3,
+                          keys=["a", "b", "c"], library_version="0", views={"views": "anyres"})
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    writer = CacheWriter(tmp_path / "shards", 2, 3, torch.float32, metadata=meta)
+    writer.start(0, ["a", "b", "c"])
+    rows = torch.arange(6 * 2 * 3, dtype=torch.float32).view(6, 2, 3)  # views: a 1, b 3, c 2
+    rows[2, 1, 0] = float("nan")  # b's second view
+    writer.rows(0, rows, ["a", "b", "c"], views=[1, 3, 2], geometry=[{"k": "a"}, {"k": "b"}, {"k": "c"}])
+    writer.finish(0, {})
+    writer.close()
+    cache = FeatureCache(tmp_path)
+    assert cache.keys() == ["a", "c"] and "NaN or inf" in cache.failures["b"] and not cache.verify()
+    assert torch.equal(cache["a"].features, rows[0:1]) and torch.equal(cache["c"].features, rows[4:6])
+    assert cache.geometry("c") == {"k": "c"}
+
+
 # ------------------------------------------------------------------------------ 6: one writer per rank
 @pytest.mark.slow
 def test_6_a_second_writer_of_the_same_rank_is_refused_and_touches_nothing(model_dir, images, cache, tmp_path):

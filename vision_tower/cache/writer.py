@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import queue
@@ -154,7 +155,7 @@ class CacheWriter:
                     row_ok = row_ok & torch.isfinite(batch_emb).all(1)
                 row_ok = row_ok.tolist()
                 counts = batch_views or [1] * len(batch_keys)
-                bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+                bounds = [0, *itertools.accumulate(counts)]  # key i's rows: bounds[i]:bounds[i + 1]
                 ok = [all(row_ok[bounds[i]:bounds[i + 1]]) for i in range(len(counts))]  # every view of a key
                 nbytes = rows.nbytes
                 if not all(ok):
@@ -162,9 +163,10 @@ class CacheWriter:
                     failures |= rejected
                     with self.budget:
                         self.rejected |= rejected
-                    keep = [r for i, good in enumerate(ok) if good for r in range(bounds[i], bounds[i + 1])]
-                    rows = rows[torch.tensor(keep, dtype=torch.long)]
-                    batch_emb = None if batch_emb is None else batch_emb[torch.tensor(keep, dtype=torch.long)]
+                    keep = torch.tensor([r for i, good in enumerate(ok) if good for r in range(bounds[i], bounds[i + 1])],
+                                        dtype=torch.long)
+                    rows = rows[keep]
+                    batch_emb = None if batch_emb is None else batch_emb[keep]
                     batch_keys = [k for k, good in zip(batch_keys, ok) if good]
                     if batch_views is not None:
                         batch_views = [v for v, good in zip(batch_views, ok) if good]
