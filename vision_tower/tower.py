@@ -319,8 +319,7 @@ class VisionTower(nn.Module, PatchGeometry):
                           feature: Feature | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward`'s tokens and the last block's output (B, prefix + N, width), from one pass: what an
         image-text head pools (`ImageTextModel`, `extract --embed`). Runs every block."""
-        selected, final = self._forward(pixel_values, layers, feature, final=True)
-        return selected, final
+        return self._forward(pixel_values, layers, feature, final=True)  # type: ignore[return-value]
 
     def _forward(self, pixel_values: torch.Tensor, layers: LayerSelection | None, feature: Feature | None,
                  final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -302,7 +302,8 @@ class VisionTransformer(nn.Module):
         return x, kept
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, prefix + h*w, C): the last block's tokens (there is no post-norm or head)."""
+        """(B, 3, S, S) -> (B, prefix + h*w, C): the last block's tokens (no head; the final norm, where held, is
+        not applied)."""
         return self._blocks(self.embed(pixels), self.cfg.depth, set())[0]
 
     def forward_hidden_states(self, pixels: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
@@ -334,8 +335,9 @@ class VisionTransformer(nn.Module):
         blocks from 0 (an int n takes the last n blocks, negative indices count from the end); the
         intermediates come in block order, patch tokens as (B, C, h, w) for "NCHW" or (B, h*w, C) for
         "NLC", paired with their prefix tokens (B, prefix, C) when `return_prefix_tokens`. Returns
-        `(last tokens, intermediates)`, or the intermediates alone. There is no final norm to apply
-        (`norm=True` is refused). Use `forward_hidden_states` to count as transformers does."""
+        `(last tokens, intermediates)`, or the intermediates alone. `norm=True` applies the final norm,
+        which a ViT holds only when built with `final_norm` (refused otherwise). Use
+        `forward_hidden_states` to count as transformers does."""
         if norm and self.norm is None:
             raise ConfigError("this ViT holds no final norm (built without final_norm: the post-norm was not loaded)")
         if output_fmt not in ("NCHW", "NLC"):
