@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_extract import jpegs
-from benchmarks.common import save, table
+from benchmarks.common import interleaved, save, table
 
 
 def clip_l336(d: Path) -> Path:
@@ -44,19 +43,6 @@ def clip_l336(d: Path) -> Path:
     tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                pad_token="<pad>").save_pretrained(d)
     return d
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls taken in turns after one warm-up each."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -19,7 +19,9 @@ from typing import Callable
 
 import torch
 
-from benchmarks.common import machine, peak_cuda_during, peak_rss_during, save, table, vit_l14_336_gflop
+from benchmarks.common import (
+    interleaved, machine, peak_cuda_during, peak_rss_during, save, table, vit_l14_336_gflop,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -112,28 +114,17 @@ def run(batch: int, repeats: int, dtype_name: str, device: str, compile_ours: bo
         fns = {k: v for i, (k, v) in enumerate(fns.items()) if i == 0 or any(s in k for s in impls)}
     x = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     sync = device != "cpu"
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    outputs = {}
     with torch.inference_mode():
-        for name, f in fns.items():  # warm-up (and torch.compile's compilation)
-            outputs[name] = f(x).float()
-        for _ in range(repeats):  # interleaved: every implementation sees the same machine state
-            for name, f in fns.items():
-                if sync:
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                f(x)
-                if sync:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t)
+        outputs = {name: f(x).float() for name, f in fns.items()}  # warm-up (and torch.compile's compilation)
+        times = interleaved({name: lambda f=f: f(x) for name, f in fns.items()}, repeats, warmup=False, sync=sync)
         peak = peak_rss_during if device == "cpu" else peak_cuda_during
         peaks = {name: peak(lambda f=f: f(x)) / batch for name, f in fns.items()}
     ceiling = matmul_rate(dtype, device)
     ref_name = next(iter(fns))
-    ref_time = statistics.median(times[ref_name])
+    ref_time = times[ref_name]
     rows = []
     for name in fns:
-        t = statistics.median(times[name])
+        t = times[name]
         ips = batch / t
         rows.append({"impl": name, "dtype": dtype_name, "device": device, "batch": batch, "img_per_s": ips,
                      "vs_llava_path": ref_time / t, "max_abs_diff": (outputs[name] - outputs[ref_name]).abs().max().item(),

@@ -32,20 +32,36 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def _seconds(fn: Callable[[], Any], sync: bool) -> float:
+    """One call's wall time; with `sync`, the CUDA work it queued included."""
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def median_time(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3, sync: bool = False) -> float:
     """Median seconds of `repeats` calls after `warmup` calls."""
-    def once() -> float:
-        if sync:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
     for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(repeats))
+        _seconds(fn, sync)
+    return statistics.median(_seconds(fn, sync) for _ in range(repeats))
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, *, warmup: bool = True,
+                sync: bool = False) -> dict[str, float]:
+    """Median seconds per call of each function, the calls taken in turns (after one warm-up call each,
+    unless the caller made it), so every implementation sees the same machine state."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_seconds(fn, sync))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peak_rss_during(fn: Callable[[], Any]) -> float:
