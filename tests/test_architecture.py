@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A module may import modules of its own layer or below, never above (see docs/architecture.md).
 LAYERS = [
-    ["errors", "version", "distributed", "faults"],
+    ["errors", "version", "distributed", "faults", "strings"],
     ["preprocess", "pooling", "data", "anyres", "video", "sources"],
     ["vit"],
     ["registry"],

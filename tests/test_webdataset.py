@@ -103,7 +103,7 @@ def test_extraction_from_tar_shards(shards, model_dir, tmp_path):
     assert "was cut short" in cache.failures["00002/#unreadable-rest"]
     assert cache.captions["00000/000000002"] == "a photo number 2" and len(cache.captions) == 8
     assert result.failed == len(cache.failures) and not cache.verify()
-    assert cache.metadata["shard_bounds"][-1] == len(cache) + len(cache.failures)
+    assert cache.plan[-1] == len(cache) + len(cache.failures)  # plan.json, vouched for by the metadata
 
 
 def test_two_ranks_take_whole_tars_and_make_the_same_cache(shards, model_dir, tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size,
                         num_workers=args.num_workers, pool=args.pool, device=args.device, shard_size=args.shard_size,
                         progress=not args.quiet, compile=args.compile, attn_implementation=args.attn_implementation,
-                        embed=args.embed)
+                        embed=args.embed, threads=args.threads)
     result = extract(cfg)
     rank, world, _ = dist_env()
     print(result.summary(rank, world))
@@ -130,7 +130,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if bad:
         print(f"to repair: run the extraction again with the same options; it redoes {len(bad)} bad or missing "
               "shards and keeps the rest", file=sys.stderr)
-    print(f"verified {len(cache.manifests)} of {cache.expected_shards} shards, {len(cache)} features: {len(bad)} bad")
+    print(f"verified {cache.num_shards} of {cache.expected_shards} shards, {len(cache)} features: {len(bad)} bad")
     return 1 if bad else 0
 
 
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video: LLaVA-NeXT-Video's uniform sampler or transformers' (default llava-next)")
     e.add_argument("--batch-size", type=int, default=32, help="images (or videos) per forward")
     e.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    e.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the tower's process (default: torch's, one per core). On a CPU host whose "
+                        "cores the decoding workers share, a small tower runs faster with 1")
     e.add_argument("--pool", choices=POOLS, default="none", help="spatial pooling of the patch grid")
     e.add_argument("--device", default="cpu", help="cpu or cuda (cuda:LOCAL_RANK under torchrun / accelerate)")
     e.add_argument("--shard-size", type=int, default=256, help="images per shard (256 x CLIP-L bf16 = 290 MB)")

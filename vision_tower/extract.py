@@ -14,19 +14,16 @@ stops the run.
 
 from __future__ import annotations
 
-import sys
+import bisect
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import (
-    CacheWriter, RankLock, cache_metadata, check_committed, check_or_write_metadata, clean_shard, inspect_cache,
-    manifest_path, shard_name,
-)
+from .cache import CacheWriter, RankLock, cache_metadata, check_or_write_metadata, inspect_cache, resume_plan
 from .checkpoints import state_dict_sha256
 from .data import IMAGE_SUFFIXES, list_keys, safe_path  # noqa: F401  (list_keys, safe_path: imported from here before)
 from .distributed import dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
@@ -36,7 +33,7 @@ from .imagetext import ImageHead, load_image_head
 from .pooling import pool_tokens
 from .preprocess import Mode, load_image
 from .tower import VisionTower, build_tower
-from .sources import TarSource, open_source
+from .sources import open_source
 from .version import __version__
 from .video import VIDEO_SUFFIXES, preprocess_video
 
@@ -77,6 +74,7 @@ class ExtractConfig:
     fps: float | None = None  # video: sample by frame rate first (LLaVA-NeXT-Video's video_fps)
     frame_sampler: str = "llava-next"  # video: "llava-next" / "transformers"
     embed: bool = False  # also store each row's CLIP / SigLIP image embedding (the model's image head)
+    threads: int | None = None  # intra-op threads of this process (None: torch's default); see README "Speed"
     extra_metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,16 +131,15 @@ class _Images(Dataset):
         return len(self.keys)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, dict[str, Any] | None]:
-        key = self.keys[i]
         try:
-            out = self.prep(self.source.open(key))
+            out = self.prep(self.source.open(i))
             if isinstance(out, tuple):  # many views: (pixels, geometry)
                 return i, out[0], None, out[1]
             return i, out, None, None
         except ImageLoadError as e:
             return i, None, str(e), None
         except Exception as e:  # any decoder bug on one file must not end a long run
-            return i, None, f"cannot preprocess {key!r}: {type(e).__name__}: {e}", None
+            return i, None, f"cannot preprocess {self.keys[i]!r}: {type(e).__name__}: {e}", None
 
 
 def _collate(items: list) -> dict[str, Any]:
@@ -178,6 +175,8 @@ def check_config(cfg: ExtractConfig) -> None:
         raise ConfigError("--video needs --num-frames (the frames kept per video; with --fps, the most kept)")
     if cfg.views == "anyres" and cfg.anyres_convention not in (None, *CONVENTIONS):
         raise ConfigError(f"--anyres-convention {cfg.anyres_convention!r} is not one of {CONVENTIONS}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"--threads must be >= 1; got {cfg.threads}")
     if cfg.embed and cfg.model is None:
         raise ConfigError("--embed needs the image head of a CLIP / SigLIP checkpoint (--model); random weights "
                           "(--random-init) have none")
@@ -208,7 +207,8 @@ class Encoder:
 
 
 def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], tokens: int, channels: int,
-                 layout: dict[str, Any] | None = None, embed: dict[str, Any] | None = None) -> dict[str, Any]:
+                 layout: dict[str, Any] | None = None, embed: dict[str, Any] | None = None,
+                 plan: list[int] | None = None) -> dict[str, Any]:
     """This run's cache metadata: what `cache_metadata` records, filled in from the config and the tower."""
     configs = tower.transform(alpha=cfg.alpha, exif=cfg.exif).configs  # one per part of a fused tower
     return cache_metadata(
@@ -218,8 +218,8 @@ def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], to
         preprocess={"mode": cfg.preprocess or configs[0].default_mode, "configs": [asdict(c) for c in configs]},
         layer=tower.select_layer, feature=tower.select_feature, pool=cfg.pool,
         attn_implementation=cfg.attn_implementation or "sdpa", dtype=tower.dtype, tokens=tokens, channels=channels,
-        shard_size=cfg.shard_size, keys=list(keys), library_version=__version__, extra=cfg.extra_metadata,
-        views=layout, embed=embed)
+        shard_size=cfg.shard_size, keys=keys, library_version=__version__, extra=cfg.extra_metadata,
+        views=layout, embed=embed, plan=plan)
 
 
 def _to_host(feats: torch.Tensor, emb: torch.Tensor | None = None
@@ -243,24 +243,6 @@ def _to_host(feats: torch.Tensor, emb: torch.Tensor | None = None
     return host, copied, host_finite, host_emb
 
 
-def _plan(shard_dir: Path, keys: list[str], bounds: list[int], groups: list[int], rank: int, world: int,
-          metadata: dict[str, Any]) -> tuple[list[int], int]:
-    """(this rank's shards to write, how many it already has): shard s holds keys[bounds[s]:bounds[s + 1]]
-    and belongs to rank groups[s] % world (a tar's shards to one rank). A committed shard is kept only if
-    it passes the cheap checks (`check_committed`); one that does not is removed and written again."""
-    pending, done = [], 0
-    for s in (s for s in range(len(bounds) - 1) if groups[s] % world == rank):
-        if manifest_path(shard_dir, s).exists():
-            problem = check_committed(shard_dir, s, keys[bounds[s]:bounds[s + 1]], metadata)
-            if problem is None:
-                done += 1
-                continue
-            print(f"vision-tower: redoing {shard_name(s)}: {problem}", file=sys.stderr)
-        clean_shard(shard_dir, s)
-        pending.append(s)
-    return pending, done
-
-
 def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResult:
     """Run (or resume) an extraction for this process's rank. Returns its counts.
 
@@ -268,6 +250,8 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     start = time.perf_counter()
     rank, world, local_rank = dist_env()
     check_config(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, local_rank)
     out = Path(cfg.out)
     video = cfg.views == "video"
@@ -302,12 +286,11 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
 
     shard_dir = out / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    layout = {**(prep.settings() if cfg.views else {}),
-              **({"shard_bounds": bounds} if isinstance(source, TarSource) else {})}
-    meta = run_metadata(cfg, tower, keys, tokens, channels, layout, embed)
-    check_or_write_metadata(out, meta)
+    plan = None if source.fixed_shards else bounds  # a plan of its own (per tar): recorded in plan.json
+    meta = run_metadata(cfg, tower, keys, tokens, channels, prep.settings() if cfg.views else None, embed, plan)
+    meta = check_or_write_metadata(out, meta, plan)  # in the existing cache's format version, if there is one
     with RankLock(out, rank, world):
-        pending, done = _plan(shard_dir, keys, bounds, groups, rank, world, meta)
+        pending, done = resume_plan(shard_dir, keys, bounds, groups, rank, world, meta)
         result = ExtractResult(skipped_shards=done)
         writer = CacheWriter(shard_dir, tokens, channels, tower.dtype, max_bytes=cfg.queue_mb << 20, metadata=meta,
                              embed_dim=embed["dim"] if embed else None)
@@ -334,27 +317,45 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     return result
 
 
-def _run(cfg: ExtractConfig, encode: Encoder, source: Any, keys: list[str], bounds: list[int], prep: Callable,
+class ShardBatches:
+    """The batches of the pending shards, made as they are iterated (a list of them would hold an int
+    per key); a batch never crosses a shard boundary, so every attempt computes the same batches."""
+
+    def __init__(self, bounds: list[int], pending: list[int], batch_size: int) -> None:
+        self.bounds, self.pending, self.batch_size = bounds, pending, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in self.pending:
+            end = self.bounds[s + 1]
+            for lo in range(self.bounds[s], end, self.batch_size):
+                yield list(range(lo, min(lo + self.batch_size, end)))
+
+    def __len__(self) -> int:
+        return sum(-(-(self.bounds[s + 1] - self.bounds[s]) // self.batch_size) for s in self.pending)
+
+    def keys(self) -> int:
+        return sum(self.bounds[s + 1] - self.bounds[s] for s in self.pending)
+
+
+def _run(cfg: ExtractConfig, encode: Encoder, source: Any, keys: Sequence[str], bounds: list[int], prep: Callable,
          pending: list[int], writer: CacheWriter, result: ExtractResult, rank: int, world: int) -> None:
-    """Decode in DataLoader workers, run the tower, hand rows to the writer; batches never cross a
-    shard boundary, so every attempt computes the same batches."""
+    """Decode in DataLoader workers, run the tower, hand rows to the writer."""
     from tqdm import tqdm
 
-    batches = [list(range(lo, min(lo + cfg.batch_size, bounds[s + 1])))
-               for s in pending for lo in range(bounds[s], bounds[s + 1], cfg.batch_size)]
-    shard_of = {i: s for s in pending for i in range(bounds[s], bounds[s + 1])}
+    batches = ShardBatches(bounds, pending, cfg.batch_size)
     loader = DataLoader(_Images(source, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
                         collate_fn=_collate, pin_memory=encode.tower.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
     shard_fail: dict[int, dict[str, str]] = {}
     remaining = {s: bounds[s + 1] - bounds[s] for s in pending}
-    bar = tqdm(total=sum(map(len, batches)), unit="img", desc=f"extract{f' rank {rank}' if world > 1 else ''}",
+    bar = tqdm(total=batches.keys(), unit="img", desc=f"extract{f' rank {rank}' if world > 1 else ''}",
                disable=not cfg.progress)
     try:
         for batch in loader:
-            shard = shard_of[batch["index"][0]]
-            if remaining[shard] == bounds[shard + 1] - bounds[shard]:  # the shard's first batch
-                writer.start(shard, keys[bounds[shard]:bounds[shard + 1]])
+            shard = bisect.bisect_right(bounds, batch["index"][0]) - 1
+            lo, hi = bounds[shard], bounds[shard + 1]
+            if remaining[shard] == hi - lo:  # the shard's first batch
+                writer.start(shard, keys[lo:hi])
             for i, err in batch["errors"]:
                 shard_fail.setdefault(shard, {})[keys[i]] = err
                 result.failures[keys[i]] = err
@@ -367,8 +368,7 @@ def _run(cfg: ExtractConfig, encode: Encoder, source: Any, keys: list[str], boun
                             batch["geometry"], emb)
             remaining[shard] -= len(batch["index"])
             if remaining[shard] == 0:
-                captions = {k: source.captions[k] for k in keys[bounds[shard]:bounds[shard + 1]] if k in source.captions}
-                writer.finish(shard, shard_fail.pop(shard, {}), captions)
+                writer.finish(shard, shard_fail.pop(shard, {}), source.captions_of(lo, hi))
                 result.written_shards += 1
             result.done += len(batch["ok"])
             result.failed += len(batch["errors"])

@@ -9,16 +9,17 @@ everything that changes the features (see `format.py` for the layout and its gua
 from ..errors import CacheError
 from .format import (
     FORMAT, HEADER_RESERVE, VERSION, ShardWriter, cache_metadata, check_or_write_metadata, file_sha256, manifest_path,
-    open_rows, shard_header, shard_manifest, shard_name, write_json_atomic,
+    PLAN_FILE, open_rows, read_plan, shard_header, shard_index, shard_manifest, shard_name, write_json_atomic,
 )
 from .reader import (
     CacheDataset, FeatureCache, Views, check_committed, inspect_cache, read_metadata, restore_metadata,
 )
-from .writer import CacheWriter, RankLock, clean_shard
+from .writer import CacheWriter, RankLock, clean_shard, resume_plan, shard_files
 
 __all__ = [
     "FeatureCache", "CacheDataset", "CacheWriter", "RankLock", "CacheError", "ShardWriter", "inspect_cache",
     "check_committed", "read_metadata", "restore_metadata", "Views", "FORMAT", "VERSION",
     "HEADER_RESERVE", "cache_metadata", "check_or_write_metadata", "clean_shard", "file_sha256", "open_rows",
-    "manifest_path", "shard_header", "shard_manifest", "shard_name", "write_json_atomic",
+    "manifest_path", "shard_header", "shard_manifest", "shard_name", "write_json_atomic", "resume_plan", "shard_files",
+    "shard_index", "read_plan", "PLAN_FILE",
 ]

@@ -34,16 +34,35 @@ from typing import Any
 import torch
 
 from ..errors import CacheError
+from ..strings import StringArray
 
 FORMAT = "vision-tower-feature-cache"
-VERSION = 1
+VERSION = 2  # 2: a per-tar shard plan lives in plan.json (1 had it in the metadata, so in every shard header)
+PLAN_FILE = "plan.json"
 HEADER_RESERVE = 4096  # bytes kept for the safetensors header, so data can be streamed before n is known
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def shard_name(index: int) -> str:
-    return f"shard-{index:06d}"
+    """`shard-000042`; past 999,999 a letter says how many more digits follow (`shard-a1000000`,
+    `shard-b10000000`), so names sort by number at any count and existing names never change."""
+    digits = str(index)
+    if len(digits) <= 6:
+        return f"shard-{index:06d}"
+    return f"shard-{chr(ord('a') + len(digits) - 7)}{digits}"
+
+
+def shard_index(name: str) -> int | None:
+    """The shard number in a file name (`shard-000042.json`, `shard-a1000000.safetensors`), or None for a
+    name that is not a shard's."""
+    stem = name.split(".", 1)[0]
+    if not stem.startswith("shard-"):
+        return None
+    number = stem[6:]
+    if number[:1].isalpha() and number[1:].isdigit() and len(number) - 1 == ord(number[0]) - ord("a") + 7:
+        return int(number[1:])
+    return int(number) if number.isdigit() and len(number) == 6 else None
 
 
 # ------------------------------------------------------------------------------ atomic files
@@ -232,12 +251,23 @@ def read_header(path: Path) -> ShardHeader:
 
 
 def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = None,
-              keys: list[str] | None = None, views: str | None = None) -> torch.Tensor:
-    """A shard's (n, T, C) tensor as a copy-on-write memory map: zero-copy rows, no file writes.
+              keys: list[str] | None = None, views: str | None = None,
+              metadata: dict[str, Any] | None = None) -> torch.Tensor:
+    """A shard's (n, T, C) tensor as a private memory map: zero-copy rows, no file writes, and no file
+    descriptor held (a reader of 2,000 shards stays far below `ulimit -n`).
 
-    `expect` = (n, T, C, dtype) from the manifest and the cache metadata, and `keys` (the manifest's)
-    are checked against what the shard says about itself: a read is right or raises."""
+    `expect` = (n, T, C, dtype) from the manifest and the cache metadata, `keys` (the manifest's) and
+    `metadata` (metadata.json) are checked against what the shard says about itself: a read is right
+    or raises."""
     h = read_header(path)
+    check_header(path, h, expect, keys, views, metadata)
+    return map_rows(path, h)
+
+
+def check_header(path: Path, h: ShardHeader, expect: tuple[int, int, int, torch.dtype] | None = None,
+                 keys: list[str] | None = None, views: str | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+    """`CacheError` where a shard's own records disagree with its manifest or the cache's metadata."""
     n, T, C = h.shape
     if expect is not None and (n, T, C, h.dtype) != expect:
         raise CacheError(f"{path} holds ({n}, {T}, {C}) {h.dtype} rows, but its manifest and the cache metadata say "
@@ -246,15 +276,29 @@ def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = Non
     if keys is not None and h.keys is not None and (h.keys != keys or h.records.get("views_sha256") != views):
         raise CacheError(f"{path} records other keys than its manifest (row order differs or keys or views were "
                          "edited); re-run the extraction to redo this shard")
+    if metadata is not None and h.cache is not None and (diff := metadata_diff(h.cache, metadata)):
+        raise CacheError(f"{path} was written under other settings than {Path(path).parent.parent / 'metadata.json'} "
+                         f"says ({', '.join(diff)}): the metadata was edited, or the shard is another cache's. Restore "
+                         f"the metadata from the shards' own records with `vision-tower verify --restore-metadata "
+                         f"{Path(path).parent.parent}`")
+    if n and os.path.getsize(path) < h.data_start + n * T * C * h.dtype.itemsize:
+        raise CacheError(f"{path} is truncated ({os.path.getsize(path)} bytes); re-run the extraction to redo it")
+
+
+def map_rows(path: Path, h: ShardHeader) -> torch.Tensor:
+    """The rows of a checked shard, mapped copy-on-write and read lazily (opening a shard for one row
+    must not read all of it). `torch.from_file` closes its descriptor once mapped; the mapping lives as
+    long as a tensor uses it."""
+    n, T, C = h.shape
     if n == 0:
         return torch.empty(0, T, C, dtype=h.dtype)
-    size = os.path.getsize(path)
-    if size < h.data_start + n * T * C * h.dtype.itemsize:
-        raise CacheError(f"{path} is truncated ({size} bytes); re-run the extraction to redo it")
-    with open(path, "rb") as f:
-        # Private (copy-on-write), read lazily: opening a shard for one row must not read all of it.
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    return torch.frombuffer(mm, dtype=h.dtype, count=n * T * C, offset=h.data_start).view(n, T, C)
+    end = h.data_start + n * T * C * h.dtype.itemsize
+    if hasattr(torch, "from_file"):
+        raw = torch.from_file(str(path), shared=False, size=end, dtype=torch.uint8)  # (end,) bytes
+    else:  # torch without from_file: Python's mmap (it keeps a duplicate descriptor while mapped)
+        with open(path, "rb") as f:
+            raw = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8, count=end)
+    return raw[h.data_start:].view(h.dtype).view(n, T, C)  # data_start is page-aligned: any dtype's alignment
 
 
 # ------------------------------------------------------------------------------ embeddings
@@ -316,7 +360,7 @@ def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return None, f"manifest is not readable JSON ({e})"
-    index = int(path.stem.split("-")[1])
+    index = shard_index(path.name)
     if not isinstance(manifest, dict):
         return None, "manifest is not a JSON object"
     keys, failures, file = manifest.get("keys"), manifest.get("failures"), manifest.get("file", "?")
@@ -344,9 +388,12 @@ def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return manifest, None
 
 
-def keys_sha256(keys: list[str]) -> str:
-    """The hash a cache records of an ordered key list (the whole run's, or one shard's)."""
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+def keys_sha256(keys: Any) -> str:
+    """The hash a cache records of an ordered key list (the whole run's, or one shard's): sha256 of the
+    keys joined by newlines (UTF-8; names that are not UTF-8 on disk keep their bytes)."""
+    if isinstance(keys, StringArray):
+        return keys.sha256()
+    return hashlib.sha256("\n".join(keys).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def manifest_path(shard_dir: Path, shard: int) -> Path:
@@ -357,13 +404,15 @@ def manifest_path(shard_dir: Path, shard: int) -> Path:
 def cache_metadata(*, model: str | None, random_init: str | None, seed: int | None, revision: str | None,
                    weights_sha256: str, tower: str, family: str, image_size: int, preprocess: dict[str, Any],
                    layer: Any, feature: str, pool: str, attn_implementation: str, dtype: torch.dtype, tokens: int,
-                   channels: int, shard_size: int, keys: list[str], library_version: str,
+                   channels: int, shard_size: int, keys: Any, library_version: str,
                    extra: dict[str, Any] | None = None, views: dict[str, Any] | None = None,
-                   embed: dict[str, Any] | None = None) -> dict[str, Any]:
+                   embed: dict[str, Any] | None = None, plan: list[int] | None = None) -> dict[str, Any]:
     """Everything that changes the features or the shard layout. Equal metadata = compatible runs.
     `views` ({"views": "anyres" | "video", and their settings}) marks a cache of many views per key;
-    `embed` ({"dim", "head"}) one that also holds each row's image embedding."""
-    return {**(views or {}), **({"embed": embed} if embed else {}),
+    `embed` ({"dim", "head"}) one that also holds each row's image embedding; `plan`, the shard bounds
+    of a source planned per tar (WebDataset), recorded by its hash (the bounds are in `plan.json`), so
+    the metadata, and every shard header that copies it, stays the same size whatever the dataset's."""
+    return {**(views or {}), **({"embed": embed} if embed else {}), **({"plan": plan_record(plan)} if plan else {}),
         "format": FORMAT, "version": VERSION, "library_version": library_version,
         "model": model, "random_init": random_init, "seed": seed, "revision": revision,
         "weights_sha256": weights_sha256, "tower": tower, "family": family, "image_size": image_size,
@@ -374,14 +423,57 @@ def cache_metadata(*, model: str | None, random_init: str | None, seed: int | No
     }
 
 
+def plan_bytes(bounds: list[int]) -> bytes:
+    """`plan.json`'s content: shard s holds keys[bounds[s]:bounds[s + 1]]."""
+    return (canonical_json({"format": FORMAT, "shard_bounds": list(bounds)}) + "\n").encode()
+
+
+def plan_record(bounds: list[int]) -> dict[str, Any]:
+    """What the metadata records of a plan: its file, how many shards, the hash of the file."""
+    return {"file": PLAN_FILE, "shards": len(bounds) - 1, "sha256": hashlib.sha256(plan_bytes(bounds)).hexdigest()}
+
+
+def read_plan(path: Path, metadata: dict[str, Any]) -> list[int] | None:
+    """The shard bounds of a cache planned per tar, checked against the metadata's hash (version 1
+    caches hold them in the metadata itself); None for a cache of fixed-size shards."""
+    if "shard_bounds" in metadata:
+        return metadata["shard_bounds"]
+    record = metadata.get("plan")
+    if record is None:
+        return None
+    file = Path(path) / PLAN_FILE
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise CacheError(f"{file} cannot be read ({e}); run the extraction again: it writes the plan anew") from e
+    if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        raise CacheError(f"{file} does not match the hash metadata.json records (altered); run the extraction "
+                         "again: it writes the plan anew")
+    return json.loads(data)["shard_bounds"]
+
+
+def as_version(meta: dict[str, Any], version: int, bounds: list[int] | None) -> dict[str, Any]:
+    """This run's metadata in the form of a cache of another format version: a version 1 cache holds its
+    tar plan inline (`shard_bounds`). A run resumes an existing cache in the cache's own version."""
+    if version == VERSION:
+        return meta
+    if version != 1:
+        raise CacheError(f"a cache of format version {version} is newer than this library reads ({VERSION}); "
+                         "upgrade vision-tower")
+    old = {k: v for k, v in meta.items() if k != "plan"} | {"version": 1}
+    return old | ({"shard_bounds": list(bounds)} if "plan" in meta and bounds is not None else {})
+
+
 def metadata_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The fields in which two caches' metadata differ (JSON values compared, so tuples equal lists)."""
     new = json.loads(json.dumps(new))
     return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def check_or_write_metadata(out: Path, meta: dict[str, Any]) -> None:
-    """Write `meta` into a new cache, or check that an existing cache was made with the same settings."""
+def check_or_write_metadata(out: Path, meta: dict[str, Any], bounds: list[int] | None = None) -> dict[str, Any]:
+    """Write `meta` (and, for a tar source, its plan) into a new cache, or check that an existing cache
+    was made with the same settings. Returns the metadata in force: `meta` in the existing cache's
+    format version (`as_version`), which its shards' headers must copy."""
     path = out / "metadata.json"
     if path.is_file():
         try:
@@ -389,13 +481,36 @@ def check_or_write_metadata(out: Path, meta: dict[str, Any]) -> None:
         except ValueError as e:
             raise CacheError(f"{path} is not valid JSON ({e}); restore it from the shards' own records with "
                              f"`vision-tower verify --restore-metadata {out}`") from e
+        if not isinstance(old, dict):
+            raise CacheError(f"{path} is not a cache's metadata (a JSON object); restore it from the shards' own records "
+                             f"with `vision-tower verify --restore-metadata {out}`")
+        meta = as_version(meta, old.get("version", VERSION), bounds)
         diff = [f"  {k}: cache has {old.get(k)!r}, this run {meta.get(k)!r}" for k in metadata_diff(old, meta)]
         if diff:
             raise CacheError(f"{out} holds features made with other settings; refusing to mix them. "
                              "Differences:\n" + "\n".join(diff) + "\nUse another --out, or delete the cache.")
-        return
-    committed = [*(out / "shards").glob("shard-*.json"), *(out / "shards").glob("shard-*.safetensors")]
-    if committed and not path.is_file():  # (a rank starting now may just have written it)
-        raise CacheError(f"{out} holds shards but no metadata.json, so nothing says what they hold; restore it from the "
-                         f"shards' own records with `vision-tower verify --restore-metadata {out}`, or use another --out")
+        _write_plan(out, meta, bounds)  # equal metadata: these bounds are the recorded plan (its hash agrees)
+        return meta
+    shards = out / "shards"
+    if shards.is_dir() and any(shard_index(e.name) is not None for e in os.scandir(shards)):
+        if not path.is_file():  # (a rank starting now may just have written it)
+            raise CacheError(f"{out} holds shards but no metadata.json, so nothing says what they hold; restore it "
+                             f"from the shards' own records with `vision-tower verify --restore-metadata {out}`, or "
+                             "use another --out")
+    _write_plan(out, meta, bounds)
     write_json_atomic(path, meta)  # every rank writes the same content; the rename makes it atomic
+    return meta
+
+
+def _write_plan(out: Path, meta: dict[str, Any], bounds: list[int] | None) -> None:
+    """plan.json, where the metadata records one and the file is missing or not the one recorded."""
+    if "plan" not in meta or bounds is None:
+        return
+    file = out / PLAN_FILE
+    data = plan_bytes(bounds)
+    try:
+        if file.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    write_bytes_atomic(file, data)

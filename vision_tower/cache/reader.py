@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+from array import array
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import CacheError
+from ..strings import KeyIndex, StringArray, StringArrayBuilder, StringMap
 from .format import (
-    FORMAT, file_sha256, keys_sha256, manifest_path, metadata_diff, open_rows, read_header, read_manifest,
-    read_embeddings, read_raw_header, shard_header, shard_name, views_sha256, write_json_atomic,
+    FORMAT, PLAN_FILE, ShardHeader, canonical_json, check_header, file_sha256, keys_sha256, manifest_path, map_rows,
+    metadata_diff, read_embeddings, read_header, read_manifest, read_plan, read_raw_header, shard_header, shard_index,
+    shard_name, views_sha256, write_json_atomic,
 )
 
 
@@ -24,7 +31,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     """A cache's metadata.json, or `CacheError` naming the file and what to do."""
     meta_path = Path(path) / "metadata.json"
     if not meta_path.is_file():
-        if any((Path(path) / "shards").glob("shard-*.safetensors")):
+        if shard_numbers(Path(path) / "shards", ".safetensors"):
             raise CacheError(f"{path} holds shards but no metadata.json; restore it from the shards' own records "
                              f"with `vision-tower verify --restore-metadata {path}`")
         raise CacheError(f"{path} is not a feature cache: it has no metadata.json")
@@ -135,9 +142,8 @@ def restore_metadata(path: str | os.PathLike) -> dict[str, Any]:
     agree). Shards written before shards recorded it cannot restore it."""
     path = Path(path)
     records = []
-    for shard in sorted((path / "shards").glob("shard-*.safetensors")):
-        if shard.name.endswith(".embed.safetensors"):
-            continue
+    for number in shard_numbers(path / "shards", ".safetensors"):
+        shard = path / "shards" / f"{shard_name(number)}.safetensors"
         try:
             records.append((shard.name, read_header(shard).cache))
         except CacheError:
@@ -159,50 +165,89 @@ class FeatureCache:
     """Read a cache: `cache[key] -> (T, C)`, `get_many(keys) -> (B, T, C)`, memory-mapped.
 
     `feature` takes a derivable view of what was stored: from a `cls_patch` cache, `patch` drops
-    the CLS token and `cls` keeps only it. Each process maps each shard once, lazily, so a cache can
-    be shared with DataLoader workers (a forked worker maps its own).
+    the CLS token and `cls` keeps only it.
+
+    At the size users run (LLaVA-558K is 2,181 shards; 100M keys, 390K): the keys are indexed in
+    numpy arrays (~45 bytes a key, shared by forked DataLoader workers without copy-on-write growth),
+    and at most `max_open_shards` shards are mapped at once per process (least recently used first
+    out; a mapping holds no file descriptor), so neither `ulimit -n` nor `vm.max_map_count` bounds
+    the cache's size.
 
     Reads are right or raise: a manifest that cannot be trusted marks its shard damaged (its keys are
-    not in the cache; `damaged` says why), and opening a shard checks its rows' shape and dtype and
-    its own record of its keys against the manifest and the metadata."""
+    not in the cache; `damaged` says why), and opening a shard checks its rows' shape and dtype, its
+    own record of its keys, and the cache metadata it was written under, against the manifest and
+    `metadata.json`."""
 
-    def __init__(self, path: str | os.PathLike, feature: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, feature: str | None = None, max_open_shards: int = 128) -> None:
+        if not isinstance(max_open_shards, int) or max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be an int >= 1; got {max_open_shards!r}")
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         self._slice = _feature_slice(self.metadata["feature"], feature)
         self.feature = feature or self.metadata["feature"]
         self.views: str | None = self.metadata.get("views")  # "anyres" / "video": many views (rows) per key
-        self.manifests: dict[int, dict[str, Any]] = {}
+        self.max_open_shards = max_open_shards
+        self._index_shards({})
+        self._open: OrderedDict[int, torch.Tensor] = OrderedDict()  # shard -> its mapped rows, most recent last
+        self._embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._checked: dict[tuple[str, int], tuple[int, int, int, ShardHeader]] = {}  # (kind, shard) -> stat, header
+        self._plan: list[int] | None = None
+
+    def check_metadata(self) -> None:
+        """`CacheError` when metadata.json differs from the first shard's own record of it: what a run
+        that trusts the metadata (e.g. `align`, for the layer) calls before it starts. Every shard is
+        compared again when it is opened, so reads never trust an edited metadata.json; a shard whose
+        header cannot be read is left to its own reads and to `verify`."""
+        if not self._shard_ids.size:
+            return
+        file = self.path / "shards" / self._files[int(self._shard_ids[0])][0]
+        try:
+            h = read_header(file)
+        except CacheError:
+            return
+        check_header(file, h, metadata=self.metadata)
+
+    # ------------------------------------------------------------------ the index
+    def _index_shards(self, exclude: dict[int, str]) -> None:
+        """Read every manifest once into compact arrays: keys in shard order, where each shard's keys
+        start, (many views) each key's rows and geometry; failures, captions and damaged shards.
+        `exclude`: shards not to trust, and why."""
         self.damaged: dict[int, str] = {}  # shard -> why its manifest cannot be trusted
-        self._where: dict[str, tuple[int, int]] = {}  # key -> (shard, its first row)
-        self.captions: dict[str, str] = {}  # WebDataset sources: the captions beside the images
-        self._spans: dict[str, tuple[int, dict[str, Any]]] = {}  # many views: key -> (rows, geometry)
         self.failures: dict[str, str] = {}
-        for m in sorted((self.path / "shards").glob("shard-*.json")):
-            if not m.stem.split("-")[1].isdigit():
-                continue
-            manifest, problem = read_manifest(m)
-            shard = int(m.stem.split("-")[1])
-            if problem is None and (twice := next((k for k in manifest["keys"] if k in self._where), None)):
-                problem = f"key {twice!r} is also in {shard_name(self._where[twice][0])}"
+        keys, captions, geometry = StringArrayBuilder(), [], StringArrayBuilder()
+        ids, firsts, starts, counts, self._files = [], [], array("q"), array("q"), {}
+        for shard in shard_numbers(self.path / "shards", ".json"):
+            manifest, problem = read_manifest(manifest_path(self.path / "shards", shard))
+            problem = exclude.get(shard, problem)
             if problem is not None:
                 self.damaged[shard] = problem
                 continue
-            self.manifests[shard] = manifest
+            ids.append(shard)
+            firsts.append(len(keys))
+            keys.extend(manifest["keys"])
+            self._files[shard] = (manifest["file"], rows_of(manifest), manifest.get("embeddings"))
             if "views" in manifest:
-                starts = [0]
-                for n, key, geometry in zip(manifest["views"], manifest["keys"], manifest["geometry"], strict=True):
-                    self._where[key] = (shard, starts[-1])
-                    self._spans[key] = (n, geometry)
-                    starts.append(starts[-1] + n)
-            else:
-                for row, key in enumerate(manifest["keys"]):
-                    self._where[key] = (shard, row)
+                starts.extend(itertools.accumulate(manifest["views"], initial=0))
+                starts.pop()
+                counts.extend(manifest["views"])
+                geometry.extend(canonical_json(g) for g in manifest["geometry"])
             self.failures.update(manifest["failures"])
-            self.captions.update(manifest.get("captions") or {})
-        self._rows: dict[int, torch.Tensor] = {}
-        self._embeddings: dict[int, torch.Tensor] = {}
-        self._pid = os.getpid()
+            captions += (manifest.get("captions") or {}).items()
+        self._keys = keys.finish()
+        self._shard_ids = np.asarray(ids, dtype=np.int64)
+        self._shard_first = np.asarray(firsts, dtype=np.int64)
+        self._row_start = np.frombuffer(starts, dtype=np.int64) if counts else None
+        self._nviews = np.frombuffer(counts, dtype=np.int64) if counts else None
+        self._geometry = geometry.finish()
+        self.captions = StringMap.build(captions)  # WebDataset sources: the captions beside the images
+        self._index = KeyIndex(self._keys)
+        if repeats := self._index.repeats():  # a key in two shards: the later shard is not trusted
+            self._index_shards(exclude | {self._shard_at(later): f"key {self._keys[later]!r} is also in "
+                                          f"{shard_name(self._shard_at(earlier))}" for earlier, later in repeats})
+
+    def _shard_at(self, i: int) -> int:
+        """The shard holding the key at position i of the key order."""
+        return int(self._shard_ids[np.searchsorted(self._shard_first, i, side="right") - 1])
 
     @property
     def tokens(self) -> int:
@@ -211,27 +256,57 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ lookups
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._where
+        return isinstance(key, str) and self._index.find(key) is not None
 
-    def keys(self) -> list[str]:
-        """Keys in shard order (the order they were extracted in)."""
-        return list(self._where)
+    def keys(self) -> StringArray:
+        """Keys in shard order (the order they were extracted in), as a compact sequence of str."""
+        return self._keys
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self._keys)
+
+    @property
+    def num_shards(self) -> int:
+        """Committed shards whose manifests can be trusted."""
+        return len(self._shard_ids)
+
+    @property
+    def manifests(self) -> dict[int, dict[str, Any]]:
+        """{shard: manifest} of the trusted shards, read from disk on each access (the index holds only
+        what reads need)."""
+        return {int(s): read_manifest(manifest_path(self.path / "shards", int(s)))[0] for s in self._shard_ids}
 
     def _shard_rows(self, shard: int) -> torch.Tensor:
-        if os.getpid() != self._pid:  # a forked DataLoader worker: map the shards anew
-            self._rows, self._pid = {}, os.getpid()
-        if shard not in self._rows:
-            manifest, m = self.manifests[shard], self.metadata
-            expect = (rows_of(manifest), m["tokens"], m["channels"], getattr(torch, m["dtype"]))
-            self._rows[shard] = open_rows(self.path / "shards" / manifest["file"], expect, manifest["keys"],
-                                          views_record(manifest))
-        return self._rows[shard]
+        rows = self._open.get(shard)
+        if rows is not None:
+            self._open.move_to_end(shard)
+            return rows
+        file, n, _ = self._files[shard]
+        m = self.metadata
+        rows = self._map(shard, self.path / "shards" / file, (n, m["tokens"], m["channels"], getattr(torch, m["dtype"])))
+        self._open[shard] = rows
+        while len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)  # its mapping goes when the last tensor using it does
+        return rows
+
+    def _map(self, shard: int, path: Path, expect: tuple[int, int, int, torch.dtype]) -> torch.Tensor:
+        """Map a shard's rows, checking its header the first time (and again whenever the file changed)."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CacheError(f"{path} cannot be read ({e}); re-run the extraction to redo its shard") from e
+        stamp = self._checked.get(("rows", shard))
+        if stamp is None or stamp[:3] != (st.st_ino, st.st_size, st.st_mtime_ns):
+            manifest = read_manifest(manifest_path(self.path / "shards", shard))[0] or {}
+            h = read_header(path)
+            check_header(path, h, expect, manifest.get("keys"), views_record(manifest) if manifest else None,
+                         self.metadata)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, replace(h, records={}, raw=b""))
+            self._checked[("rows", shard)] = stamp
+        return map_rows(path, stamp[3])
 
     # ------------------------------------------------------------------ embeddings (extract --embed)
     @property
@@ -244,51 +319,57 @@ class FeatureCache:
         (views, D) in a cache of many views per key. Checked against its shard's hash when first read."""
         if self.embed_dim is None:
             raise CacheError(f"{self.path} holds no image embeddings: extract with --embed")
-        shard, row = self._locate(key)
-        n = self._spans[key][0] if key in self._spans else None
+        shard, row, i = self._locate(key)
         emb = self._shard_embeddings(shard)
-        return emb[row] if n is None else emb[row:row + n]
+        return emb[row] if self._nviews is None else emb[row:row + int(self._nviews[i])]
 
     def embeddings(self, keys: Sequence[str]) -> torch.Tensor:
         """(B, D) float32 embeddings of one-view keys (a new tensor)."""
         return torch.stack([self.embedding(k) for k in keys]) if keys else torch.empty(0, self.embed_dim or 0)
 
     def _shard_embeddings(self, shard: int) -> torch.Tensor:
-        if shard not in self._embeddings:
-            manifest = self.manifests[shard]
-            emb = manifest.get("embeddings")
-            if emb is None:
-                raise CacheError(f"{self.path}: {shard_name(shard)} has no embeddings although the cache holds them; "
-                                 "re-run the extraction to redo it")
-            self._embeddings[shard] = read_embeddings(self.path / "shards" / emb["file"], emb["sha256"],
-                                                      rows_of(manifest), self.embed_dim or 0)
-        return self._embeddings[shard]
+        emb = self._embeddings.get(shard)
+        if emb is not None:
+            self._embeddings.move_to_end(shard)
+            return emb
+        _, n, record = self._files[shard]
+        if record is None:
+            raise CacheError(f"{self.path}: {shard_name(shard)} has no embeddings although the cache holds them; "
+                             "re-run the extraction to redo it")
+        emb = read_embeddings(self.path / "shards" / record["file"], record["sha256"], n, self.embed_dim or 0)
+        self._embeddings[shard] = emb
+        while len(self._embeddings) > self.max_open_shards:
+            self._embeddings.popitem(last=False)
+        return emb
 
-    def _locate(self, key: str) -> tuple[int, int]:
-        try:
-            return self._where[key]
-        except KeyError:
-            reason = self.failures.get(key)
+    def _locate(self, key: str) -> tuple[int, int, int]:
+        """(shard, its first row, the key's position in the key order), or `KeyError` saying why not."""
+        i = self._index.find(key) if isinstance(key, str) else None
+        if i is None:
+            reason = self.failures.get(key) if isinstance(key, str) else None
             detail = f": extraction failed ({reason})" if reason else ""
             if not reason and self.damaged:
                 detail = f" ({len(self.damaged)} damaged shards: `vision-tower verify {self.path}`)"
             raise KeyError(f"{key!r} is not in the cache {self.path}{detail}") from None
+        p = int(np.searchsorted(self._shard_first, i, side="right")) - 1
+        row = int(self._row_start[i]) if self._row_start is not None else i - int(self._shard_first[p])
+        return int(self._shard_ids[p]), row, i
 
     def __getitem__(self, key: str) -> torch.Tensor | Views:
         """(T, C) features, a view into the page cache; in a cache of many views, `Views((views, T, C),
         geometry)` (the anyres geometry or the frames a video's views are)."""
-        shard, row = self._locate(key)
-        if key in self._spans:
-            n, geometry = self._spans[key]
-            return Views(self._shard_rows(shard)[row:row + n, self._slice], geometry)
+        shard, row, i = self._locate(key)
+        if self._nviews is not None:
+            n = int(self._nviews[i])
+            return Views(self._shard_rows(shard)[row:row + n, self._slice], json.loads(self._geometry[i]))
         return self._shard_rows(shard)[row, self._slice]
 
     def geometry(self, key: str) -> dict[str, Any]:
         """Where a key's views came from (caches of many views)."""
-        self._locate(key)
-        if key not in self._spans:
+        _, _, i = self._locate(key)
+        if self._nviews is None:
             raise CacheError(f"{self.path} holds one view per key: it records no geometry")
-        return self._spans[key][1]
+        return json.loads(self._geometry[i])
 
     def get_many(self, keys: Sequence[str], out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C): each row copied once, straight from the page cache into the batch.
@@ -305,7 +386,7 @@ class FeatureCache:
             if out is not None:
                 raise ValueError("get_many(out=) needs one view per key; this cache holds many")
             return [self[k].features.clone() for k in keys]  # type: ignore[return-value]
-        rows = [self._shard_rows(shard)[row, self._slice] for shard, row in map(self._locate, keys)]  # (T, C) views
+        rows = [self._shard_rows(shard)[row, self._slice] for shard, row, _ in map(self._locate, keys)]  # (T, C) views
         if not rows:
             raise ValueError("get_many got no keys")
         shape = (len(rows), *rows[0].shape)
@@ -323,17 +404,26 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ checks
     @property
+    def plan(self) -> list[int] | None:
+        """Shard bounds of a cache planned per tar (WebDataset sources), else None."""
+        if self._plan is None and ("plan" in self.metadata or "shard_bounds" in self.metadata):
+            self._plan = read_plan(self.path, self.metadata)
+        return self._plan
+
+    @property
     def expected_shards(self) -> int:
         """How many shards the run's key list implies."""
-        if "shard_bounds" in self.metadata:  # planned per tar (WebDataset sources)
+        if "plan" in self.metadata:
+            return int(self.metadata["plan"]["shards"])
+        if "shard_bounds" in self.metadata:  # version 1: planned per tar, inline
             return len(self.metadata["shard_bounds"]) - 1
         return -(-self.metadata["num_keys"] // self.metadata["shard_size"])
 
     def planned_keys(self, shard: int) -> int:
         """How many keys shard `shard` was planned to account for."""
-        m = self.metadata
-        if "shard_bounds" in m:
-            return m["shard_bounds"][shard + 1] - m["shard_bounds"][shard]
+        m, bounds = self.metadata, self.plan
+        if bounds is not None:
+            return bounds[shard + 1] - bounds[shard]
         return min(m["shard_size"], m["num_keys"] - shard * m["shard_size"])
 
     def verify(self) -> dict[str, str]:
@@ -341,10 +431,19 @@ class FeatureCache:
         record (number, keys, row count, dtype, the metadata it was written under) and its rows' hash.
         Returns {shard file: problem}; empty means the cache is complete and intact."""
         bad = {f"{shard_name(s)}.json": problem for s, problem in self.damaged.items()}
+        try:
+            self.plan
+        except CacheError as e:
+            return bad | {PLAN_FILE: str(e)}
+        present = set(self._shard_ids.tolist())
         for s in range(self.expected_shards):
-            if s not in self.manifests and s not in self.damaged:
+            if s not in present and s not in self.damaged:
                 bad[f"{shard_name(s)}.json"] = "missing: not extracted (yet); run the extraction again to finish it"
-        for s, manifest in self.manifests.items():
+        for s in sorted(present):
+            manifest = read_manifest(manifest_path(self.path / "shards", s))[0]
+            if manifest is None:
+                bad[f"{shard_name(s)}.json"] = "its manifest changed since the cache was opened"
+                continue
             name = manifest["file"] or f"{shard_name(s)}.json"
             if s >= self.expected_shards:
                 bad[name] = f"shard {s} is beyond the {self.expected_shards} shards of the key list"
@@ -360,13 +459,23 @@ class FeatureCache:
         return shard_problem(self.path / "shards", s, manifest, self.metadata, hash_rows=True)
 
     def dataset(self, keys: Sequence[str] | None = None) -> "CacheDataset":
-        return CacheDataset(self, list(keys) if keys is not None else self.keys())
+        return CacheDataset(self, self._keys if keys is None else StringArray.of(keys))
 
     def __repr__(self) -> str:
         m = self.metadata
         return (f"FeatureCache({str(self.path)!r}, {len(self)} features of ({m['tokens']}, {m['channels']}) "
                 f"{m['dtype']}, tower={m['tower']!r}, layer={m['layer']}, feature={self.feature!r}, "
                 f"{len(self.failures)} failed)")
+
+
+def shard_numbers(shard_dir: Path, suffix: str) -> list[int]:
+    """The numbers of the files `shard-N{suffix}` in one listing of the directory, in order."""
+    try:
+        entries = [e.name for e in os.scandir(shard_dir)]
+    except FileNotFoundError:
+        return []
+    return sorted(i for name in entries if name.endswith(suffix) and (i := shard_index(name)) is not None
+                  and name == shard_name(i) + suffix)
 
 
 _GATHER_POOL: tuple[int, ThreadPoolExecutor] | None = None
@@ -392,9 +501,10 @@ def _feature_slice(stored: str, wanted: str | None) -> slice:
 
 
 class CacheDataset(Dataset):
-    """(key, features) pairs for a DataLoader; safe with worker processes."""
+    """(key, features) pairs for a DataLoader; safe with worker processes (each maps its own shards,
+    at most `cache.max_open_shards` at a time)."""
 
-    def __init__(self, cache: FeatureCache, keys: list[str]) -> None:
+    def __init__(self, cache: FeatureCache, keys: Sequence[str]) -> None:
         missing = [k for k in keys if k not in cache]
         if missing:
             raise CacheError(f"{len(missing)} keys are not in the cache, e.g. {missing[:5]}")

@@ -9,18 +9,20 @@ import itertools
 import json
 import os
 import queue
+import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import CacheError
 from ..faults import fault_point
 from .format import (
-    ShardWriter, embeddings_name, header_reserve, keys_sha256, manifest_path, shard_manifest, shard_name, views_sha256,
-    write_embeddings, write_json_atomic,
+    ShardWriter, embeddings_name, header_reserve, keys_sha256, manifest_path, shard_index, shard_manifest, shard_name,
+    views_sha256, write_embeddings, write_json_atomic,
 )
+from .reader import check_committed
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NON_FINITE = ("the tower gave NaN or inf features for this image (not written); in {} that can be an overflow: "
@@ -224,15 +226,52 @@ class CacheWriter:
         write_json_atomic(manifest_path(self.dir, shard), manifest)
 
 
-def clean_shard(shard_dir: Path, shard: int) -> None:
+def shard_files(shard_dir: Path) -> dict[int, list[str]]:
+    """{shard: the names of its files} (manifest, rows, embeddings, temporaries) from one listing of the
+    directory: what a resume plans from, at any number of shards, in one pass."""
+    files: dict[int, list[str]] = {}
+    for entry in os.scandir(shard_dir):
+        if (i := shard_index(entry.name)) is not None:
+            files.setdefault(i, []).append(entry.name)
+    return files
+
+
+def clean_shard(shard_dir: Path, shard: int, files: list[str] | None = None) -> None:
     """Remove what an earlier attempt left of a shard that is to be (re)written: its manifest first
-    (the manifest is what makes a shard visible), then its file and any temporary files."""
-    name = shard_name(shard)
+    (the manifest is what makes a shard visible), then its file and any temporary files. `files`: the
+    shard's names from `shard_files` (else the directory is listed)."""
     manifest = manifest_path(shard_dir, shard)
     if manifest.exists():
         manifest.unlink()
-    for leftover in shard_dir.glob(f"{name}.*"):
-        leftover.unlink()
+    if files is None:
+        files = shard_files(shard_dir).get(shard, [])
+    for leftover in files:
+        (shard_dir / leftover).unlink(missing_ok=True)
+
+
+def resume_plan(shard_dir: Path, keys: Sequence[str], bounds: list[int], groups: list[int], rank: int, world: int,
+                metadata: dict[str, Any], log: Callable[[str], None] | None = None) -> tuple[list[int], int]:
+    """(this rank's shards to write, how many it already has): shard s holds keys[bounds[s]:bounds[s + 1]]
+    and belongs to rank groups[s] % world (a tar's shards to one rank). A committed shard is kept only if
+    it passes the cheap checks (`check_committed`); one that does not is removed, to be written again.
+    One listing of the directory, then O(1) work per shard: a resume costs O(shards), not O(shards^2)."""
+    files = shard_files(shard_dir)
+    pending, done = [], 0
+    for s in (s for s in range(len(bounds) - 1) if groups[s] % world == rank):
+        if f"{shard_name(s)}.json" in files.get(s, ()):
+            problem = check_committed(shard_dir, s, keys[bounds[s]:bounds[s + 1]], metadata)
+            if problem is None:
+                done += 1
+                continue
+            (log or _stderr)(f"vision-tower: redoing {shard_name(s)}: {problem}")
+        if s in files:
+            clean_shard(shard_dir, s, files[s])
+        pending.append(s)
+    return pending, done
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 class RankLock:

@@ -28,20 +28,25 @@ import random
 import shutil
 import sys
 import time
+from array import array
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..cache import FeatureCache
-from ..data import read_llava_json, resolve_key, safe_path
+from ..cache import FeatureCache, file_sha256
+from ..data import iter_llava_json, resolve_key, safe_path
 from ..distributed import dist_env
 from ..errors import CacheError, ConfigError, ImageLoadError, UserError
 from ..faults import fault_point
 from ..projector import Projector, build_projector
+from ..strings import StringArray, StringArrayBuilder
 from ..tower import VisionTower, build_tower
 from .checkpoint import CheckpointMismatch, fingerprint_diff, load_latest, projector_state, save_checkpoint
 
@@ -103,33 +108,70 @@ class AlignError(ConfigError):
 
 
 # ------------------------------------------------------------------------------------------- data
-def read_records(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(image key, caption) pairs from LLaVA-Pretrain / Prismatic JSON: records with one image and a
-    `gpt` turn (the caption); text-only and multi-image records are not stage-1 samples."""
+class Records(NamedTuple):
+    """(image key, caption) pairs in compact arrays, and the records passed over, by reason."""
+
+    keys: StringArray
+    captions: StringArray
+    passed: dict[str, int]
+
+
+def read_records(path: str | os.PathLike) -> Records:
+    """(image key, caption) pairs from LLaVA-Pretrain / Prismatic JSON, streamed one record at a time:
+    records with one image and a `gpt` turn (the caption); text-only and multi-image records are not
+    stage-1 samples, and a `gpt` turn without a `value` has no caption (both are counted)."""
+    keys, captions = StringArrayBuilder(), StringArrayBuilder()
+    passed = {"records without exactly one image": 0, "records without a gpt caption": 0}
     try:
-        records = read_llava_json(path)
+        for r in iter_llava_json(path):
+            if len(r.images) != 1:
+                passed["records without exactly one image"] += 1
+            elif r.caption is None:
+                passed["records without a gpt caption"] += 1
+            else:
+                keys.append(r.images[0])
+                captions.append(r.caption)
     except OSError as e:
         raise AlignError(f"--data {path}: {e}") from e
     except UserError as e:
         raise AlignError(f"--data {e}") from e
-    out = [(r.images[0], r.caption) for r in records if len(r.images) == 1 and r.caption is not None]
-    if not out:
-        raise AlignError(f"--data {path} has no records with an image and a gpt caption")
-    return out
+    if not len(keys):
+        raise AlignError(f"--data {path} has no records with an image and a gpt caption (passed over: "
+                         f"{_counts(passed)})")
+    return Records(keys.finish(), captions.finish(), passed)
 
 
-def cache_records(cfg: AlignConfig, cache: FeatureCache | None) -> list[tuple[str, str]]:
+def cache_records(cfg: AlignConfig, cache: FeatureCache | None) -> Records:
     """(key, caption) pairs from the captions a cache of WebDataset shards keeps beside its keys."""
     if cache is None or not cache.captions:
         raise AlignError("--data is needed (a LLaVA JSON) unless --cache holds captions, as a cache extracted "
                          "from WebDataset tar shards does")
-    return [(k, cache.captions[k]) for k in cache.keys() if k in cache.captions]
+    keys = [k for k in cache.keys() if k in cache.captions]
+    return Records(StringArray.build(keys), StringArray.build(cache.captions[k] for k in keys), {})
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "none"
+
+
+class Samples:
+    """Tokenised samples, compact: keys, and every caption's ids (EOS included) in one int32 array."""
+
+    def __init__(self, keys: StringArray, ids: np.ndarray, starts: np.ndarray) -> None:
+        self.keys, self.ids, self.starts = keys, ids, starts
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[str, list[int]]:
+        return self.keys[i], self.ids[self.starts[i]:self.starts[i + 1]].tolist()
 
 
 class AlignDataset(Dataset):
     """Tokenized captions with their image features (from a cache) or pixels (online)."""
 
-    def __init__(self, samples: list[tuple[str, list[int]]], cache=None, images: Path | None = None, prep=None) -> None:
+    def __init__(self, samples: Samples | list[tuple[str, list[int]]], cache=None, images: Path | None = None,
+                 prep=None) -> None:
         self.samples, self.cache, self.images, self.prep = samples, cache, images, prep
 
     def __len__(self) -> int:
@@ -162,41 +204,42 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
 
 
 def micro_batches(n: int, global_batch: int, micro: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches of one epoch (see the module docstring). Incomplete global batches are dropped."""
+    """This rank's micro-batches of one epoch (see the module docstring). Incomplete global batches are
+    dropped. The permutation stays a tensor: only this rank's indices become Python ints."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    out = []
-    for start in range(0, n - global_batch + 1, global_batch):
-        batch = order[start : start + global_batch]
-        for m, lo in enumerate(range(0, global_batch, micro)):
-            if m % world == rank:
-                out.append(batch[lo : lo + micro])
-    return out
+    order = torch.randperm(n, generator=g)
+    steps = n // global_batch
+    mine = order[: steps * global_batch].view(steps, global_batch // micro, micro)[:, rank::world]  # (steps, m, micro)
+    return mine.reshape(-1, micro).tolist()
 
 
-def make_samples(records: list[tuple[str, str]], tokenizer, *, max_length: int, n_image: int,
-                 cache: FeatureCache | None, images: Path | None) -> tuple[list[tuple[str, list[int]]], dict[str, int]]:
-    """Tokenize every caption up front, so per-sample problems are counted before training starts:
-    (samples, skipped counts by reason)."""
+def make_samples(records: Records, tokenizer, *, max_length: int, n_image: int, cache: FeatureCache | None,
+                 images: Path | None, chunk: int = 4096) -> tuple[Samples, dict[str, int]]:
+    """Tokenize every caption up front, a chunk at a time into one int32 array, so per-sample problems
+    are counted before training starts: (samples, skipped counts by reason)."""
     skipped = {"missing from the cache": 0, "longer than --max-length": 0, "missing image file": 0,
                "outside --images": 0}
-    ids = tokenizer([c for _, c in records], add_special_tokens=False)["input_ids"]
-    samples = []
+    keys, ids, starts = StringArrayBuilder(), array("i"), array("q", [0])
     budget = max_length - n_image - (tokenizer.bos_token_id is not None)
-    for (key, _), tok in zip(records, ids, strict=True):
-        tok = tok + [tokenizer.eos_token_id]
-        path = safe_path(images, key) if images is not None else None
-        if cache is not None and key not in cache:
-            skipped["missing from the cache"] += 1
-        elif cache is None and path is None:
-            skipped["outside --images"] += 1
-        elif cache is None and not path.is_file():
-            skipped["missing image file"] += 1
-        elif len(tok) > budget:
-            skipped["longer than --max-length"] += 1
-        else:
-            samples.append((key, tok))
-    return samples, skipped
+    for lo in range(0, len(records.keys), chunk):
+        batch_keys = records.keys[lo:lo + chunk]
+        tokens = tokenizer(records.captions[lo:lo + chunk], add_special_tokens=False)["input_ids"]
+        for key, tok in zip(batch_keys, tokens, strict=True):
+            path = safe_path(images, key) if images is not None else None
+            if cache is not None and key not in cache:
+                skipped["missing from the cache"] += 1
+            elif cache is None and path is None:
+                skipped["outside --images"] += 1
+            elif cache is None and not path.is_file():
+                skipped["missing image file"] += 1
+            elif len(tok) + 1 > budget:
+                skipped["longer than --max-length"] += 1
+            else:
+                keys.append(key)
+                ids.extend(tok)
+                ids.append(tokenizer.eos_token_id)
+                starts.append(len(ids))
+    return Samples(keys.finish(), np.frombuffer(ids, dtype=np.int32), np.frombuffer(starts, dtype=np.int64)), skipped
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -270,6 +313,7 @@ def vision_source(cfg: AlignConfig) -> tuple[FeatureCache | None, VisionTower | 
     if cfg.cache is not None:
         try:
             cache = FeatureCache(cfg.cache, feature=cfg.feature)
+            cache.check_metadata()  # the layer and feature below are read from it
         except CacheError as e:
             raise AlignError(f"--cache {cfg.cache}: {e}") from e
         if cache.views is not None:
@@ -374,8 +418,7 @@ def run_fingerprint(cfg: AlignConfig, cache: FeatureCache | None) -> dict[str, A
     the starting projector and every hyper-parameter that changes the result. Not the process count,
     micro batch or anything else a resumed run may change."""
     fp: dict[str, Any] = {k: getattr(cfg, k) for k in _TRAJECTORY}
-    data = Path(cfg.data).read_bytes() if cfg.data is not None else json.dumps(cache.captions, sort_keys=True).encode()
-    fp["data_sha256"] = hashlib.sha256(data).hexdigest()
+    fp["data_sha256"] = file_sha256(Path(cfg.data)) if cfg.data is not None else captions_sha256(cache.captions)
     if cache is not None:
         m = cache.metadata
         fp["vision"] = {k: m.get(k) for k in ("tower", "weights_sha256", "layer", "feature", "pool", "dtype",
@@ -386,6 +429,15 @@ def run_fingerprint(cfg: AlignConfig, cache: FeatureCache | None) -> dict[str, A
         weights = Path(cfg.projector) / "model.safetensors"
         fp["projector"] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else cfg.projector
     return json.loads(json.dumps(fp))  # JSON values, as they are compared once read back
+
+
+def captions_sha256(captions: Mapping[str, str]) -> str:
+    """sha256 of `json.dumps(captions, sort_keys=True)`, streamed rather than built (it is the run's data)."""
+    h = hashlib.sha256(b"{")
+    for n, key in enumerate(sorted(captions)):
+        h.update(f"{', ' if n else ''}{json.dumps(key)}: {json.dumps(captions[key])}".encode())
+    h.update(b"}")
+    return h.hexdigest()
 
 
 def claim_out(cfg: AlignConfig, fingerprint: dict[str, Any], main: bool) -> None:
@@ -500,9 +552,11 @@ def _prepare(cfg: AlignConfig) -> _Run:
     images = Path(cfg.images) if cfg.images else None
     samples, skipped = make_samples(records, tokenizer, max_length=cfg.max_length, n_image=n_image, cache=cache,
                                     images=images)
+    skipped = {**{k: v for k, v in records.passed.items() if v}, **skipped}
     if len(samples) < cfg.batch_size:
-        raise AlignError(f"{len(samples)} usable samples (skipped: {skipped}) are fewer than one global batch of "
-                         f"{cfg.batch_size}")
+        where = f"--data {cfg.data}" if cfg.data is not None else f"the captions of --cache {cfg.cache}"
+        raise AlignError(f"{where}: {len(samples)} usable samples are fewer than one global batch of {cfg.batch_size} "
+                         f"(passed over: {_counts(skipped)})")
     prep = None
     if tower is not None:
         prep = tower.transform()  # the checkpoint's own preprocessing, one image per DataLoader item
