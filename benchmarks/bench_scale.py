@@ -64,12 +64,13 @@ def make_inputs(work: Path, n: int) -> dict[str, Path]:
     if (d / "done").exists():
         return _inputs(d)
     d.mkdir(parents=True, exist_ok=True)
-    first = d / "one.jpg"
-    first.write_bytes(tiny_jpeg())
+    jpeg = tiny_jpeg()
     for i in range(n):
         path = d / "images" / key(i)
-        if i % 10000 == 0:
+        if i % 10000 == 0:  # one JPEG per folder of 10,000 links (ext4 allows 65,000 links per file)
             path.parent.mkdir(parents=True, exist_ok=True)
+            first = d / f"one-{i // 10000}.jpg"
+            first.write_bytes(jpeg)
         if not path.exists():
             os.link(first, path)
     with open(d / "data.json", "w") as f:
