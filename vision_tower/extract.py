@@ -15,6 +15,7 @@ stops the run.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,16 +27,17 @@ from torch.utils.data import DataLoader, Dataset
 from .cache import CacheWriter, RankLock, cache_metadata, check_or_write_metadata, inspect_cache, resume_plan
 from .checkpoints import state_dict_sha256
 from .data import IMAGE_SUFFIXES, list_keys, safe_path  # noqa: F401  (list_keys, safe_path: imported from here before)
-from .distributed import dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
+from .distributed import DieWithParent, dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
 from .errors import CheckpointError, ConfigError, ImageLoadError, Interrupted, Terminated
-from .anyres import CONVENTIONS, preprocess_anyres
+from .anyres import CONVENTIONS, parse_pinpoints, preprocess_anyres
 from .imagetext import ImageHead, load_image_head
 from .pooling import pool_tokens
 from .preprocess import Mode, load_image
 from .tower import VisionTower, build_tower
 from .sources import open_source
+from .strings import KeyIndex, StringArray
 from .version import __version__
-from .video import VIDEO_SUFFIXES, preprocess_video
+from .video import MAX_FRAMES, SAMPLERS, VIDEO_SUFFIXES, preprocess_video
 
 inspect = inspect_cache  # `vision_tower.extract.inspect`, where it lived before
 POOLS = ("none", "avg2", "max2", "bilinear2", "avg3", "max3", "avg4", "max4")
@@ -162,8 +164,7 @@ def check_config(cfg: ExtractConfig) -> None:
         raise ConfigError(f"batch size and shard size must be >= 1; got {cfg.batch_size} and {cfg.shard_size}")
     if cfg.num_workers < 0 or cfg.queue_mb < 1:
         raise ConfigError(f"--num-workers must be >= 0 and queue_mb >= 1; got {cfg.num_workers} and {cfg.queue_mb}")
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ConfigError(f"--out {cfg.out} is a file; give a directory (it is created if missing)")
+    check_out_dir(cfg.out)
     if cfg.pool not in POOLS:
         raise ConfigError(f"--pool {cfg.pool!r} is not one of {POOLS}")
     if cfg.pool != "none" and cfg.feature == "cls":
@@ -173,6 +174,8 @@ def check_config(cfg: ExtractConfig) -> None:
         raise ConfigError(f"views {cfg.views!r} is not 'anyres' or 'video'")
     if cfg.views == "video" and cfg.num_frames is None:
         raise ConfigError("--video needs --num-frames (the frames kept per video; with --fps, the most kept)")
+    if cfg.views == "video":
+        check_video_options(cfg.num_frames, cfg.fps, cfg.frame_sampler)
     if cfg.views == "anyres" and cfg.anyres_convention not in (None, *CONVENTIONS):
         raise ConfigError(f"--anyres-convention {cfg.anyres_convention!r} is not one of {CONVENTIONS}")
     if cfg.threads is not None and cfg.threads < 1:
@@ -180,6 +183,28 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.embed and cfg.model is None:
         raise ConfigError("--embed needs the image head of a CLIP / SigLIP checkpoint (--model); random weights "
                           "(--random-init) have none")
+
+
+def check_out_dir(out: str | Path, option: str = "--out") -> None:
+    """A directory that is there or can be made: refused when it, or a folder it would be made in, is a file."""
+    path = Path(out)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is inside {p}, which is a file"
+                raise ConfigError(f"{option} {out} {what}; give a directory (it is created if missing)")
+            return
+
+
+def check_video_options(num_frames: Any, fps: Any, sampler: Any) -> None:
+    """--num-frames, --fps and --frame-sampler, refused before any video is opened (else every video would fail)."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_FRAMES:
+        raise ConfigError(f"--num-frames {num_frames!r} is not a whole number from 1 to {MAX_FRAMES}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps)
+                            or not 0 < fps <= 1000):
+        raise ConfigError(f"--fps {fps!r} is not a frame rate (a number above 0, at most 1000)")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"--frame-sampler {sampler!r} is not one of {SAMPLERS}")
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -260,6 +285,9 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     if not keys:
         raise ConfigError(f"no {'videos' if video else 'images'} found in {cfg.images}"
                           + (f" from {cfg.list}" if cfg.list else ""))
+    if repeats := KeyIndex(StringArray.of(keys)).repeats():  # a key is one row of the cache, never two
+        raise ConfigError(f"--images {cfg.images} gives the key {keys[repeats[0][1]]!r} to two inputs (positions "
+                          f"{repeats[0][0]} and {repeats[0][1]}); each key must name one input")
     bounds, groups = source.shard_plan(cfg.shard_size)
     if tower is None:
         tower = build_tower(model=cfg.model, random_init=cfg.random_init, seed=cfg.seed, select_layer=cfg.layer,
@@ -270,8 +298,10 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
     prep = tower.transform(cfg.preprocess, alpha=cfg.alpha, exif=cfg.exif)
     n_parts = len(prep.configs)
     if cfg.views is not None:
-        prep = ManyViews(prep.configs, cfg.views, *tower.anyres_settings(cfg.grid_pinpoints, cfg.anyres_convention),
-                         cfg.num_frames, cfg.fps, cfg.frame_sampler)
+        pinpoints, convention = tower.anyres_settings(cfg.grid_pinpoints, cfg.anyres_convention)
+        if cfg.views == "anyres":
+            parse_pinpoints(pinpoints, prep.configs[0].image_size)  # refused now, not by every image
+        prep = ManyViews(prep.configs, cfg.views, pinpoints, convention, cfg.num_frames, cfg.fps, cfg.frame_sampler)
     head = None
     if cfg.embed:
         try:
@@ -345,7 +375,8 @@ def _run(cfg: ExtractConfig, encode: Encoder, source: Any, keys: Sequence[str], 
     batches = ShardBatches(bounds, pending, cfg.batch_size)
     loader = DataLoader(_Images(source, keys, prep), batch_sampler=batches, num_workers=cfg.num_workers,
                         collate_fn=_collate, pin_memory=encode.tower.device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers else None,
+                        worker_init_fn=DieWithParent())
     shard_fail: dict[int, dict[str, str]] = {}
     remaining = {s: bounds[s + 1] - bounds[s] for s in pending}
     bar = tqdm(total=batches.keys(), unit="img", desc=f"extract{f' rank {rank}' if world > 1 else ''}",

@@ -345,10 +345,17 @@ class ImageTextModel(nn.Module):
     def text_classifier(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
         """(L, D): each label's prompts (`"a photo of a {}."`...) embedded, normalised, averaged and
         normalised again: CLIP's zero-shot prompt ensembling."""
-        if not labels or not templates or any("{}" not in t for t in templates):
+        if isinstance(labels, str) or isinstance(templates, str):
+            raise ConfigError("labels and templates are lists of text (a single str would be read letter by letter)")
+        if not labels or not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
             raise ConfigError("zero-shot classification needs labels and templates holding '{}' "
                               f"(got {len(labels)} labels, templates {list(templates)})")
-        emb = self.encode_text([t.format(label) for label in labels for t in templates])  # (L * P, D)
+        try:
+            prompts = [t.format(label) for label in labels for t in templates]
+        except (IndexError, KeyError, ValueError) as e:  # "{0} {1}", "{name}", a stray "{"
+            raise ConfigError(f"templates {list(templates)} must hold one '{{}}' for the label and no other braces "
+                              f"(write a literal brace as '{{{{' or '}}}}'): {type(e).__name__}: {e}") from None
+        emb = self.encode_text(prompts)  # (L * P, D)
         emb = emb.view(len(labels), len(templates), -1).mean(dim=1)  # (L, D)
         return F.normalize(emb, dim=-1)
 

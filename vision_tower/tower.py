@@ -52,6 +52,44 @@ def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
     return _DTYPES[key]
 
 
+def check_device(device: Any) -> torch.device | None:
+    """`device=` as a torch device, or a message naming it (torch's own error lists every backend)."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"device {device!r} is not a device name: give 'cpu', 'cuda', 'cuda:1', 'mps', ... "
+                          f"({str(e).splitlines()[0][:80]})") from None
+
+
+RANGE_CHECKS = 8  # forwards whose pixel range is checked (a device sync each on CUDA), until one warns
+_WARNED: set[str] = set()
+
+
+def check_pixels(pixel_values: torch.Tensor, tower: Any) -> None:
+    """Refuse pixels that cannot be the output of `preprocess` (integer, bool or complex: 0-255 bytes,
+    masks), naming what to pass; warn once per tower when floats lie far outside a normalised range
+    (|x| > 20, e.g. un-normalised 0-255 values): a tower given them returns features, just wrong ones."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"{tower.name} takes pixel_values as a float tensor (B, 3, S, S); got "
+                        f"{type(pixel_values).__name__}: pass images through tower.preprocess(images) first")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"{tower.name} takes normalised float pixels; got a {pixel_values.dtype} tensor (raw image "
+                        "bytes?): pass images through tower.preprocess(images), which resizes and normalises them as "
+                        "the checkpoint expects")
+    checks = getattr(tower, "_range_checks", 0)
+    if checks < RANGE_CHECKS and tower.name not in _WARNED and pixel_values.numel():
+        tower._range_checks = checks + 1
+        if bool(pixel_values.detach().abs().amax() > 20):
+            import warnings
+
+            _WARNED.add(tower.name)
+            warnings.warn(f"{tower.name}: pixel values reach {float(pixel_values.detach().abs().amax()):.0f}, far outside "
+                          "the normalised range (about -3..3): un-normalised 0-255 pixels? tower.preprocess(images) "
+                          "gives what the checkpoint expects", stacklevel=4)
+
+
 class VisionTower(nn.Module, PatchGeometry):
     """A frozen ViT that returns `select_feature` tokens of hidden layer(s) `select_layer`.
 
@@ -161,7 +199,11 @@ class VisionTower(nn.Module, PatchGeometry):
         (offline, not cached), and `CheckpointError` when they do not fit.
         """
         check_attn_implementation(attn_implementation or "sdpa")  # before any download
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            raise ConfigError(f"from_pretrained takes a registry name, Hub id, local directory or weights file; got "
+                              f"{type(name_or_path).__name__} {name_or_path!r} (a spec: VisionTower.from_config)")
         target = resolve_dtype(dtype)
+        device = check_device(device)
         loaded = load_weights(name_or_path, dtype=target, tower=tower, format=format, quick_gelu=quick_gelu,
                               image_size=image_size, revision=revision, final_norm=post_norm)
         kw = dict(select_layer=select_layer, attn_implementation=attn_implementation, revision=revision)
@@ -323,6 +365,7 @@ class VisionTower(nn.Module, PatchGeometry):
 
     def _forward(self, pixel_values: torch.Tensor, layers: LayerSelection | None, feature: Feature | None,
                  final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        check_pixels(pixel_values, self)
         S = self.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[-2:] != (S, S):
             hint = " (a single image? use pixel_values.unsqueeze(0))" if pixel_values.ndim == 3 else ""

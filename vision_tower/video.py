@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -89,9 +89,12 @@ class VideoClip:
 
 
 def decode_frames(path: str | os.PathLike | io.IOBase, num_frames: int | None = None, fps: float | None = None,
-                  sampler: Sampler = "llava-next", force_sample: bool = True) -> tuple[np.ndarray, VideoGeometry]:
+                  sampler: Sampler = "llava-next", force_sample: bool = True,
+                  each: Callable[[np.ndarray], Any] | None = None) -> tuple[Any, VideoGeometry]:
     """The sampled frames of a video file (a path, or an open file such as a tar member's bytes) as
-    (T, H, W, 3) uint8, decoded once, keeping only those frames."""
+    (T, H, W, 3) uint8, decoded once, keeping only those frames. With `each`, every kept frame is
+    passed to it as soon as it is decoded and only its results are kept (a list, in frame order): what
+    bounds memory to one decoded frame, however large the video's frames and however many are kept."""
     try:
         import av
     except ImportError:
@@ -112,7 +115,9 @@ def decode_frames(path: str | os.PathLike | io.IOBase, num_frames: int | None = 
             wanted, frames = set(indices), {}
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    frames[i] = frame.to_ndarray(format="rgb24")
+                    array = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+                    size = array.shape[1], array.shape[0]
+                    frames[i] = array if each is None else each(array)
                 if len(frames) == len(wanted):
                     break
     except (ImageLoadError, ConfigError):
@@ -122,9 +127,9 @@ def decode_frames(path: str | os.PathLike | io.IOBase, num_frames: int | None = 
     missing = [i for i in indices if i not in frames]
     if missing:
         raise ImageLoadError(f"video {name!r} ended before frame {missing[0]} of the {total} its header states")
-    first = frames[indices[0]]
-    geometry = VideoGeometry(tuple(indices), total, video_fps, first.shape[1], first.shape[0], sampler)
-    return np.stack([frames[i] for i in indices]), geometry
+    geometry = VideoGeometry(tuple(indices), total, video_fps, size[0], size[1], sampler)
+    kept = [frames[i] for i in indices]
+    return (np.stack(kept) if each is None else kept), geometry
 
 
 def _count_frames(source: str | io.IOBase) -> int:
@@ -145,13 +150,13 @@ def preprocess_video(video: str | os.PathLike | io.IOBase | np.ndarray | torch.T
                      force_sample: bool = True) -> VideoClip:
     """A video file, or its decoded frames ((T, H, W, C) array / tensor or a list of images), sampled and
     each frame preprocessed as an image: (frames, 3 * parts, S, S) and which frames they are."""
-    if isinstance(video, (str, os.PathLike, io.IOBase)):
-        frames, geometry = decode_frames(video, num_frames, fps, sampler, force_sample)
-    else:
-        all_frames = as_frames(video)
-        indices = frame_indices(len(all_frames), num_frames, fps, video_fps, sampler, force_sample)
-        frames = [all_frames[i] for i in indices]
-        w, h = load_image(frames[0]).size
-        geometry = VideoGeometry(tuple(indices), len(all_frames), video_fps, w, h, sampler)
+    if isinstance(video, (str, os.PathLike, io.IOBase)):  # each frame preprocessed as it is decoded
+        pixels, geometry = decode_frames(video, num_frames, fps, sampler, force_sample, each=lambda f: pixels_of(f, configs))
+        return VideoClip(torch.stack(pixels), geometry)
+    all_frames = as_frames(video)
+    indices = frame_indices(len(all_frames), num_frames, fps, video_fps, sampler, force_sample)
+    frames = [all_frames[i] for i in indices]
+    w, h = load_image(frames[0]).size
+    geometry = VideoGeometry(tuple(indices), len(all_frames), video_fps, w, h, sampler)
     pixels = torch.stack([pixels_of(np.ascontiguousarray(f) if isinstance(f, np.ndarray) else f, configs) for f in frames])
     return VideoClip(pixels, geometry)

@@ -22,7 +22,7 @@ from .format import (
     ShardWriter, embeddings_name, header_reserve, keys_sha256, manifest_path, shard_index, shard_manifest, shard_name,
     views_sha256, write_embeddings, write_json_atomic,
 )
-from .reader import check_committed
+from .reader import BAD_SUFFIX, bad_reason, check_committed
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NON_FINITE = ("the tower gave NaN or inf features for this image (not written); in {} that can be an overflow: "
@@ -258,7 +258,10 @@ def resume_plan(shard_dir: Path, keys: Sequence[str], bounds: list[int], groups:
     files = shard_files(shard_dir)
     pending, done = [], 0
     for s in (s for s in range(len(bounds) - 1) if groups[s] % world == rank):
-        if f"{shard_name(s)}.json" in files.get(s, ()):
+        if f"{shard_name(s)}{BAD_SUFFIX}" in files.get(s, ()):
+            (log or _stderr)(f"vision-tower: redoing {shard_name(s)}: `verify` found it bad "
+                             f"({bad_reason(shard_dir, s)})")
+        elif f"{shard_name(s)}.json" in files.get(s, ()):
             problem = check_committed(shard_dir, s, keys[bounds[s]:bounds[s + 1]], metadata)
             if problem is None:
                 done += 1
@@ -268,6 +271,24 @@ def resume_plan(shard_dir: Path, keys: Sequence[str], bounds: list[int], groups:
             clean_shard(shard_dir, s, files[s])
         pending.append(s)
     return pending, done
+
+
+_HELD: set[int] = set()  # descriptors of the rank locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the rank locks' descriptors it inherited. A flock
+    belongs to the open file, which a fork shares, so a worker that outlived a killed parent would hold
+    the rank for as long as it lived; the parent's own copy keeps the lock."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _stderr(message: str) -> None:
@@ -300,6 +321,7 @@ class RankLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "world": self.world}).encode())
         self._fd = fd
+        _HELD.add(fd)
         for other in sorted(self.dir.glob("rank-*.lock")):
             if other != self.path:
                 self._check_other(other)
@@ -322,6 +344,7 @@ class RankLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 

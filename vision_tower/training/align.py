@@ -26,6 +26,7 @@ import math
 import os
 import random
 import shutil
+import stat
 import sys
 import time
 from array import array
@@ -42,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..cache import FeatureCache, file_sha256
 from ..data import iter_llava_json, resolve_key, safe_path
-from ..distributed import dist_env
+from ..distributed import DieWithParent, dist_env
 from ..errors import CacheError, ConfigError, ImageLoadError, UserError
 from ..faults import fault_point
 from ..projector import Projector, build_projector
@@ -154,6 +155,14 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "none"
 
 
+def _is_file(path: Path) -> bool:
+    """Whether an image file is there to read; a name too long, a folder without permission: not."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 class Samples:
     """Tokenised samples, compact: keys, and every caption's ids (EOS included) in one int32 array."""
 
@@ -230,7 +239,7 @@ def make_samples(records: Records, tokenizer, *, max_length: int, n_image: int, 
                 skipped["missing from the cache"] += 1
             elif cache is None and path is None:
                 skipped["outside --images"] += 1
-            elif cache is None and not path.is_file():
+            elif cache is None and not _is_file(path):
                 skipped["missing image file"] += 1
             elif len(tok) + 1 > budget:
                 skipped["longer than --max-length"] += 1
@@ -607,7 +616,7 @@ def _loop(run: _Run, step: int) -> tuple[int, float]:
         batches = micro_batches(len(run.dataset), cfg.batch_size, cfg.micro_batch_size, epoch, cfg.seed, run.rank,
                                 run.world)
         batches = batches[in_epoch * run.accum:]  # resume: the same order, from this step's first micro-batch
-        loader = DataLoader(run.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+        loader = DataLoader(run.dataset, batch_sampler=batches, num_workers=cfg.num_workers, worker_init_fn=DieWithParent(),
                             collate_fn=lambda items: collate(items, run.tokenizer.pad_token_id))
         t0, seen, losses = time.perf_counter(), 0, []
         for micro in loader:

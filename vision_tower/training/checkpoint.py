@@ -7,12 +7,17 @@ DeepSpeed ZeRO-1/2/3. Only the projector's state is saved; the frozen LLM and to
         state.pt                step, scheduler and RNG state
         fingerprint.json        the run it belongs to (data, models, projector, hyper-parameters, seed)
         deepspeed/              DeepSpeed only: the engine's own checkpoint, frozen parameters excluded
+        checkpoint.json         written last: the step and the sha256 of every file above
 
 Without DeepSpeed, weights and optimizer state are gathered into whole tensors named by parameter
 (`torch.distributed.checkpoint.state_dict`), so a checkpoint does not depend on the wrapper or the
 number of processes: a DDP run can resume under FSDP on another process count. DeepSpeed partitions
 its fp32 master weights and optimizer state per rank; those are restored by the engine (same
 process count), as HF Trainer does. The `.pt` files are `torch.save`d and read with `weights_only=True`.
+
+A resume trusts a checkpoint only whole: every file's hash matches `checkpoint.json` (a flipped byte
+or an edited step is an unreadable checkpoint, passed over for the one before it), and its
+fingerprint is this run's (a checkpoint without one, or of another run, is refused).
 
 Every function here is collective: all ranks call it, rank 0 writes. Tested on CPUs (gloo) with no
 wrapper, DDP, FSDP2 and DeepSpeed ZeRO-2/3; FSDP1 refuses CPUs, so its path (the same torch API) is not.
@@ -34,6 +39,7 @@ from ..distributed import barrier, process_group_rank
 
 PREFIX = "projector."  # the projector's place inside AlignModel
 FINGERPRINT = "fingerprint.json"  # what run a checkpoint belongs to
+INDEX = "checkpoint.json"  # the step and every file's sha256, written last
 
 
 def _options(**kw):
@@ -85,6 +91,9 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, projector: nn.Module
                     "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
         if fingerprint is not None:
             (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    barrier()  # every rank's DeepSpeed partition is on disk before it is hashed
+    if process_group_rank() == 0:
+        (tmp / INDEX).write_text(json.dumps({"step": step, "files": file_hashes(tmp)}, indent=1, sort_keys=True) + "\n")
         if final.exists():  # a checkpoint of this step that could not be loaded (the run fell back before it)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -92,6 +101,35 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, projector: nn.Module
             shutil.rmtree(old)
     barrier()
     return final
+
+
+def file_hashes(ckpt: Path) -> dict[str, str]:
+    """{path under the checkpoint: sha256} of every file but the index."""
+    from ..cache import file_sha256
+
+    return {p.relative_to(ckpt).as_posix(): file_sha256(p) for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and p.name != INDEX}
+
+
+def check_whole(ckpt: Path, fingerprint: dict[str, Any] | None) -> None:
+    """`CheckpointUnreadable` unless every file is the one `checkpoint.json` hashed, and the step it records
+    is the directory's; `CheckpointMismatch` for a checkpoint without this run's fingerprint."""
+    try:
+        index = json.loads((ckpt / INDEX).read_text())
+        recorded, step = dict(index["files"]), int(index["step"])
+    except FileNotFoundError:
+        raise CheckpointUnreadable(f"it has no {INDEX} (unfinished, or written before checkpoints were hashed)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointUnreadable(f"{INDEX} cannot be read ({type(e).__name__}: {e})") from None
+    if step != int(ckpt.name[5:]):
+        raise CheckpointUnreadable(f"{INDEX} records step {step}, the directory says {int(ckpt.name[5:])}")
+    if fingerprint is not None and FINGERPRINT not in recorded:
+        raise CheckpointMismatch(f"{ckpt} records no {FINGERPRINT}: nothing says it belongs to this run; resume only "
+                                 "checkpoints this run wrote, or start over with --overwrite")
+    found = file_hashes(ckpt)
+    if found != recorded:
+        bad = sorted(k for k in set(found) | set(recorded) if found.get(k) != recorded.get(k))
+        raise CheckpointUnreadable(f"{', '.join(bad)} differ from the hashes {INDEX} records (altered or damaged)")
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -129,6 +167,7 @@ def load_checkpoint(ckpt: Path, model: nn.Module, projector: nn.Module, optimize
     Every file is read before anything is restored, so a checkpoint that cannot be read
     (`CheckpointUnreadable`) leaves the run as it was. One of another run (its fingerprint differs)
     or written under another wrapper raises `CheckpointMismatch`, naming what differs."""
+    check_whole(ckpt, fingerprint)
     ds_dir = ckpt / "deepspeed"
     if deepspeed != ds_dir.is_dir():
         made, now = ("DeepSpeed", "without DeepSpeed") if ds_dir.is_dir() else ("without DeepSpeed", "under DeepSpeed")
@@ -150,6 +189,9 @@ def load_checkpoint(ckpt: Path, model: nn.Module, projector: nn.Module, optimize
             optim_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
     except Exception as e:  # truncated, corrupt or missing files: whatever the loaders raise
         raise CheckpointUnreadable(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}") from e
+    if not isinstance(state, dict) or state.get("step") != int(ckpt.name[5:]):
+        raise CheckpointUnreadable(f"state.pt records step {state.get('step') if isinstance(state, dict) else '?'}, the "
+                                   f"directory says {int(ckpt.name[5:])}")
     if deepspeed:
         try:
             path, _ = model.load_checkpoint(str(ckpt), tag="deepspeed", load_module_strict=False,
