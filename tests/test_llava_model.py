@@ -41,6 +41,25 @@ def llava_classes():
     return LlavaLikeConfig, LlavaLikeForCausalLM
 
 
+def llavas_own_classes():
+    """The same model with LLaVA's own tower: `CLIPVisionModel.from_pretrained(mm_vision_tower)` when built."""
+    from transformers import CLIPVisionModel
+
+    config_cls, model_cls = llava_classes()
+
+    class OwnTower(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.vision_tower = CLIPVisionModel.from_pretrained(name)
+
+    class LlavaOwnForCausalLM(model_cls):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.vision_tower = OwnTower(config.mm_vision_tower)
+
+    return config_cls, LlavaOwnForCausalLM
+
+
 def llava_config(tower_dir, **over):
     config_cls, _ = llava_classes()
     fields = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -108,6 +127,51 @@ def test_an_unfrozen_tower_round_trips_through_from_pretrained(tmp_path, family,
         torch.testing.assert_close(loaded.model.vision_tower(pixels), expect, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_checkpoint_of_llavas_own_tower_with_flat_names_loads_exactly(tmp_path, family, pixels):
+    """LLaVA's trainer saves `model.state_dict()`; its own tower is transformers' vision model, whose
+    names under transformers 5 have no `vision_model.`. That checkpoint loads into the drop-in exactly,
+    through transformers 5's `from_pretrained` and transformers 4's with `low_cpu_mem_usage=True`."""
+    from safetensors.torch import save_file
+
+    _, model_cls = llava_classes()
+    hf_tower(family).save_pretrained(tmp_path / "tower")
+    model = model_cls(llava_config(tmp_path / "tower"))
+    model.save_pretrained(tmp_path / "llava")
+    theirs = hf_tower(family, seed=5)  # LLaVA's own tower after fine-tuning
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+    flat = {k.removeprefix("vision_model."): v for k, v in theirs.state_dict().items()}  # as transformers 5 names them
+    if TRANSFORMERS_MAJOR >= 5:
+        assert flat.keys() == theirs.state_dict().keys()
+    own.update({f"model.vision_tower.vision_tower.{k}": v.contiguous() for k, v in flat.items()})
+    save_file(own, tmp_path / "llava" / "model.safetensors", metadata={"format": "pt"})
+
+    kwargs = {"low_cpu_mem_usage": True} if TRANSFORMERS_MAJOR < 5 else {}
+    loaded = model_cls.from_pretrained(tmp_path / "llava", **kwargs)
+    tower = loaded.model.vision_tower.vision_tower
+    for name, p in tower.named_parameters():
+        assert torch.equal(p, flat[name.removeprefix("vision_model.")]), name
+    with torch.no_grad():
+        states = theirs(pixel_values=pixels, output_hidden_states=True).hidden_states
+        expect = states[-2][:, 1:] if family == "clip" else states[2]
+        torch.testing.assert_close(loaded.model.vision_tower(pixels), expect, atol=1e-5, rtol=0)
+
+    loaded.save_pretrained(tmp_path / "again")  # saved with the names every version loads
+    from safetensors import safe_open
+    with safe_open(tmp_path / "again" / "model.safetensors", "pt") as f:
+        tower_keys = [k for k in f.keys() if k.startswith("model.vision_tower.")]
+    assert tower_keys and all(k.startswith("model.vision_tower.vision_tower.vision_model.") for k in tower_keys)
+
+
+def test_a_tower_parameter_never_loaded_raises(tmp_path, pixels):
+    hf_tower("clip").save_pretrained(tmp_path / "tower")
+    drop_in = build_vision_tower(llava_config(tmp_path / "tower"))
+    q = drop_in.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj
+    q.weight = nn.Parameter(torch.empty_like(q.weight, device="meta"))  # what a loader that missed it leaves
+    with pytest.raises(ValueError, match="never loaded"):
+        drop_in(pixels)
+
+
 def test_load_state_dict_takes_llavas_own_tower_state_dict(tmp_path, pixels):
     """LLaVA's CLIPVisionTower holds `self.vision_tower = CLIPVisionModel.from_pretrained(...)`: its state
     dict loads into the drop-in strictly, whichever names the installed transformers gives it."""
@@ -153,3 +217,24 @@ def test_device_map_auto_puts_the_tower_on_the_first_gpu(tmp_path):
     drop_in = build_vision_tower(llava_config(tmp_path / "tower", unfreeze_mm_vision_tower=False), delay_load=True)
     drop_in.load_model(device_map="auto")
     assert drop_in.device == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.float32])
+def test_the_unfrozen_tower_takes_the_dtype_llavas_own_tower_takes(tmp_path, stored):
+    """LLaVA's `load_pretrained_model` loads an fp16 LLM; its tower is whatever `CLIPVisionModel.from_pretrained`
+    gives inside that (the stored dtype under transformers 5, the LLM's under 4): the drop-in's is the same."""
+    hf_tower("clip").to(stored).save_pretrained(tmp_path / "tower")
+    dtypes = {}
+    # under transformers 5, LLaVA's own tower cannot load inside from_pretrained at all (a nested from_pretrained
+    # on the meta device raises); there the drop-in takes what its own from_pretrained would: the stored dtype
+    classes = (("ours", llava_classes()),) + ((("llava", llavas_own_classes()),) if TRANSFORMERS_MAJOR < 5 else ())
+    for name, (_, model_cls) in classes:
+        model_cls(llava_config(tmp_path / "tower")).save_pretrained(tmp_path / name)
+        kwargs = {"dtype": torch.float16} if TRANSFORMERS_MAJOR >= 5 else \
+            {"torch_dtype": torch.float16, "low_cpu_mem_usage": True}
+        loaded = model_cls.from_pretrained(tmp_path / name, **kwargs)
+        dtypes[name] = {p.dtype for p in loaded.model.vision_tower.parameters()}
+    assert dtypes["ours"] == dtypes.get("llava", {stored}) and len(dtypes["ours"]) == 1, dtypes
+    alone = build_vision_tower(llava_config(tmp_path / "tower"))  # outside from_pretrained
+    from transformers import CLIPVisionModel
+    assert alone.dtype == CLIPVisionModel.from_pretrained(tmp_path / "tower").dtype

@@ -80,6 +80,15 @@ def test_the_tower_of_a_transformers_llava_checkpoint(tmp_path, kind, layer, fea
             torch.testing.assert_close(projector(tower(x)), vlm_image_features(model, x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind, feature", [("llava_next", "cls_patch"), ("llava_onevision", "patch")])
+def test_the_projector_records_the_feature_the_towers_loader_gives(tmp_path, kind, feature):
+    """Strategy 'full' keeps every token: CLS + patches for CLIP, just patches for SigLIP (no CLS)."""
+    make(kind).save_pretrained(tmp_path)
+    tower, projector = VisionTower.from_pretrained(tmp_path), Projector.from_hf_llava(tmp_path)
+    assert projector.select_feature == tower.select_feature == feature
+    projector.check_features(tower.hidden_size, select_layer=tower.select_layer, select_feature=tower.select_feature)
+
+
 @pytest.mark.parametrize("kind, expect", [
     ("llava_next_video", {"stride": 2, "mode": "average", "after_projector": False}),  # LlavaNextVideoPooler
     ("llava_onevision", {"stride": 2, "mode": "bilinear", "after_projector": True}),  # apply_pooling

@@ -36,18 +36,43 @@ LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1
 ONEVISION_PINPOINTS = "(1x1),...,(6x6)"
 
 
+MAX_TILES = 100  # tiles one pinpoint may make (OneVision's largest, 6x6, makes 36)
+MAX_PINPOINTS = 1000
+
+
 def parse_pinpoints(pinpoints: str | Sequence[Sequence[int]], tile: int) -> list[tuple[int, int]]:
-    """A pinpoint list: pairs as given, or LLaVA-NeXT's "(1x1),...,(6x6)" range of tile grids."""
+    """A pinpoint list: pairs as given, or LLaVA-NeXT's "(1x1),...,(6x6)" range of tile grids. Refused
+    before anything is allocated: more than `MAX_PINPOINTS`, or one of more than `MAX_TILES` tiles."""
     if isinstance(pinpoints, str):
         found = re.findall(r"\((\d+)x(\d+)\)", pinpoints)
         if not found:
             raise ConfigError(f"grid pinpoints {pinpoints!r} are neither pairs nor '(AxB),...,(CxD)'")
         (a0, b0), (a1, b1) = (tuple(map(int, found[0])), tuple(map(int, found[-1])))
+        if min(a0, b0) < 1 or a1 < a0 or b1 < b0:
+            raise ConfigError(f"grid pinpoints {pinpoints!r}: a range of tile grids goes from (1x1) or more up")
+        if (a1 - a0 + 1) * (b1 - b0 + 1) > MAX_PINPOINTS or a1 * b1 > MAX_TILES:
+            raise ConfigError(f"grid pinpoints {pinpoints!r} make grids of up to {a1 * b1} tiles ({(a1 - a0 + 1) * (b1 - b0 + 1)}"
+                              f" pinpoints); at most {MAX_TILES} tiles and {MAX_PINPOINTS} pinpoints are taken")
         return [(i * tile, j * tile) for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
-    pairs = [tuple(int(v) for v in p) for p in pinpoints]
+    try:
+        if isinstance(pinpoints, (bytes, dict)) or len(pinpoints) > MAX_PINPOINTS:
+            raise ConfigError(f"grid pinpoints: at most {MAX_PINPOINTS} pairs are taken")
+        pairs = [tuple(_whole(v) for v in p) for p in pinpoints]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"grid pinpoints must be pairs of multiples of the tile size {tile}; got "
+                          f"{str(pinpoints)[:200]} ({e})") from None
     if not pairs or any(len(p) != 2 or min(p) < tile or p[0] % tile or p[1] % tile for p in pairs):
-        raise ConfigError(f"grid pinpoints must be pairs of multiples of the tile size {tile}; got {pinpoints!r}")
+        raise ConfigError(f"grid pinpoints must be pairs of multiples of the tile size {tile}; got {str(pinpoints)[:200]}")
+    if (big := max(p[0] * p[1] for p in pairs) // (tile * tile)) > MAX_TILES:
+        raise ConfigError(f"grid pinpoints: a pinpoint of {big} tiles of {tile} px is over the {MAX_TILES} taken "
+                          f"(OneVision's largest makes 36); got {str(pinpoints)[:200]}")
     return pairs  # type: ignore[return-value]
+
+
+def _whole(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{v!r} is not a whole number of pixels")
+    return v
 
 
 def select_best_resolution(width: int, height: int, pinpoints: Sequence[tuple[int, int]],
@@ -105,7 +130,7 @@ def anyres_views(img: Image.Image, cfg: PreprocessConfig, pinpoints: Sequence[tu
     W, H = img.size
     tile = cfg.image_size
     best_w, best_h = select_best_resolution(W, H, pinpoints, convention)
-    check_work(W, H, cfg, "squash")  # a sliver is refused before anything is resized
+    check_work(W, H, cfg, "squash")  # every image made below is bounded by the pinpoint or the tile
     scale_w, scale_h = best_w / W, best_h / H
     if scale_w < scale_h:  # fill the width; the references' float arithmetic, copied: 400 * (672 / 600) -> 449
         new_w, new_h = best_w, min(math.ceil(H * scale_w), best_h)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -13,8 +14,6 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, ImageLoadError, Interrupted, Terminated, UserError
-from .preprocess import ALPHAS, MODES
-from .registry import DEFAULT_TOWER, REGISTRY
 
 
 def _pinpoints(text: str | None):
@@ -35,6 +34,8 @@ def _layer(args: argparse.Namespace) -> int | list[int]:
 
 
 def cmd_towers(args: argparse.Namespace) -> int:
+    from .registry import REGISTRY
+
     rows = [("name", "family", "image", "patch", "width", "depth", "tokens", "hub id")]
     for s in REGISTRY.values():
         rows.append((s.name, s.family, str(s.image_size), str(s.patch_size), str(s.width), str(s.depth),
@@ -113,8 +114,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .cache import inspect_cache
 
-    print(inspect_cache(args.cache))
-    return 0
+    report = inspect_cache(args.cache)
+    print(report)
+    return 1 if "\n  damaged " in report else 0  # like verify: the cache is not whole
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -124,7 +126,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         restore_metadata(args.cache)
         print(f"restored {args.cache}/metadata.json from the shards' own records")
     cache = FeatureCache(args.cache)
-    bad = cache.verify()
+    try:
+        bad = cache.verify(mark=True)
+    except OSError as e:  # a read-only cache: report, without the markers that make a rerun redo the shards
+        print(f"vision-tower: cannot mark bad shards in {args.cache} ({e}); a rerun of the extraction redoes only "
+              "shards whose headers or manifests are wrong", file=sys.stderr)
+        bad = cache.verify()
     for name, problem in bad.items():
         print(f"bad shard {name}: {problem}", file=sys.stderr)
     if bad:
@@ -166,6 +173,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .distributed import resolve_device
     from .imagetext import DEFAULT_TEMPLATES, ENSEMBLE_TEMPLATES, ImageTextModel
 
+    if args.top < 1:
+        raise ConfigError(f"--top {args.top}: give how many labels to print per image, 1 or more")
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     if not labels:
         raise ConfigError("--labels names no label; give them comma-separated: --labels cat,dog")
@@ -205,9 +214,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+_SCORE_DTYPE = ("default fp32, as for classify and score alike: the scores of transformers' CLIPModel / SiglipModel; "
+                "bf16 is faster on GPUs and moves scores by about 1e-3")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .anyres import CONVENTIONS  # the choices of options, from the modules that define them
     from .extract import POOLS
+    from .preprocess import ALPHAS, MODES
+    from .registry import DEFAULT_TOWER
     from .tower import FEATURES
     from .video import SAMPLERS
     from .vit import ATTN_IMPLEMENTATIONS
@@ -324,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "default 'a photo of a {}.'")
     c.add_argument("--ensemble", action="store_true", help="CLIP's ensemble of ten ImageNet prompt templates")
     c.add_argument("--top", type=int, default=5, help="labels printed per image")
-    c.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    c.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help=_SCORE_DTYPE)
     c.add_argument("--device", default="cpu")
     c.set_defaults(func=cmd_classify)
 
@@ -339,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--histogram", help="histogram PNG (default: --out with .png)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    s.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help=_SCORE_DTYPE)
     s.add_argument("--device", default="cpu")
     s.add_argument("--overwrite", action="store_true", help="score again from the start, replacing --out")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -357,18 +372,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     previous = _on_sigterm()
+    command = "start-up"
     try:
+        args = build_parser().parse_args(argv)  # the heavy imports (torch, transformers) happen here, handled
+        command = args.command
         return args.func(args)
     except Interrupted as e:
         print(f"vision-tower: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt as e:
-        print(f"vision-tower: interrupted ({args.command}); what was complete is kept", file=sys.stderr)
+        print(f"vision-tower: interrupted ({command}); what was complete is kept", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except UserError as e:  # an input or setting the user can fix; anything else is a bug and keeps its traceback
         print(f"vision-tower: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"vision-tower: error: no space left on the device writing {e.filename or 'the output'} ({command}): "
+              "free some space and run the same command again; what was complete is kept", file=sys.stderr)
         return 2
     finally:
         if previous is not None:

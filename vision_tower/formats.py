@@ -76,6 +76,19 @@ def hf_family(config: Mapping[str, Any], source: str) -> str:
     return HF_MODEL_TYPES[model_type]
 
 
+# transformers' LLaVA-family `vision_feature_select_strategy`: which tokens of the selected layer
+STRATEGIES = {"default": "drop the first token", "full": "keep all tokens"}
+
+
+def strategy_feature(strategy: str, family: str) -> str:
+    """The `select_feature` that a VLM's strategy gives for a tower of this family: "default" drops
+    the first token ('patch'); "full" keeps every token, which is 'cls_patch' for a tower with a CLS
+    and 'patch' for SigLIP (no CLS: all its tokens are patches)."""
+    if strategy not in STRATEGIES:
+        raise CheckpointError(f"vision_feature_select_strategy {strategy!r} is not one of {sorted(STRATEGIES)}")
+    return "patch" if strategy == "default" or family == "siglip" else "cls_patch"
+
+
 def hf_arch(config: Mapping[str, Any], image_size: int | None = None) -> ViTConfig:
     """A ViTConfig from a transformers `config.json` (full model or vision model; absent keys take
     transformers' defaults). `image_size` overrides the config's (DINOv2: 518 -> 224 for OpenVLA)."""

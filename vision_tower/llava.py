@@ -121,11 +121,20 @@ class LlavaLayoutTower(VisionTower):
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise CheckpointError(f"{self.source}: the vision tower lacks {', '.join(missing[:10])}{more}")
         self.load_state_dict(sd, strict=True, assign=True)
+        for name, param in list(self.named_parameters()):
+            if param.is_meta:  # accelerate's init_empty_weights (transformers 4's low_cpu_mem_usage) moved it
+                owner, _, attr = name.rpartition(".")
+                self.get_submodule(owner)._parameters[attr] = nn.Parameter(sd[name], requires_grad=param.requires_grad)
         for module in self.modules():  # transformers' post_init (LLaVA's LLM) must not re-initialise them
             module._is_hf_initialized = True
         self.freeze()
 
     def _bind(self) -> None:
+        if unloaded := [n for n, p in self.vision_model.named_parameters(prefix="vision_model") if p.is_meta]:
+            raise CheckpointError(
+                f"{self.source}: {len(unloaded)} vision-tower parameters were never loaded ({unloaded[0]}, ...): the "
+                "checkpoint names them in a way this loader did not map. Load it without low_cpu_mem_usage, or "
+                "re-save it with `vision_model.`-prefixed tower names")
         tensors = fm.convert_hf(dict(self.vision_model.named_parameters(prefix="vision_model")), self.vit.cfg,
                                 self.family)
         for name, t in tensors.items():
@@ -138,9 +147,87 @@ class LlavaLayoutTower(VisionTower):
 
 
 def _accept_flat_names(state_dict, prefix, *args) -> None:
-    """transformers 5 names a CLIP / SigLIP vision model's tensors without `vision_model.`: add it."""
+    """transformers 5 names a CLIP / SigLIP vision model's tensors without `vision_model.`: add it
+    (for `load_state_dict`; `from_pretrained` under transformers 5 goes by `_map_flat_names`)."""
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "vision_model.")]:
         state_dict[prefix + "vision_model." + key[len(prefix):]] = state_dict.pop(key)
+
+
+# Any key of LLaVA's tower (`<host>.vision_tower.vision_tower.<name>`) that lacks `vision_model.`.
+_FLAT_TOWER_KEY = r"^((?:\w+\.)*?vision_tower\.vision_tower\.)(?!vision_model\.)"
+
+
+def _map_flat_names(host_config: Any) -> None:
+    """Under transformers 5, `from_pretrained` assigns tensors by name through the conversion mappings
+    of the PreTrainedModels in the model (none of which is this tower, and no module hook runs), so
+    LLaVA's own tower saved with transformers 5's flat names would load nothing. Register, for the
+    host model's `model_type`, the renaming that adds `vision_model.` (saving keeps those names, which
+    every version loads). No-op on transformers 4 (its loaders call `_accept_flat_names`) or for a
+    host config without a model_type (LLaVA's training arguments)."""
+    model_type = getattr(host_config, "model_type", None)
+    try:
+        from transformers.conversion_mapping import (get_checkpoint_conversion_mapping,
+                                                     register_checkpoint_conversion_mapping)
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return
+    if not isinstance(model_type, str) or not model_type:
+        return
+
+    class AddVisionModel(WeightRenaming):
+        def reverse_transform(self):  # save as loaded into the drop-in: with `vision_model.`
+            return self
+
+    existing = get_checkpoint_conversion_mapping(model_type) or []
+    if any(type(t).__name__ == "AddVisionModel" for t in existing):
+        return
+    register_checkpoint_conversion_mapping(
+        model_type, [*existing, AddVisionModel(_FLAT_TOWER_KEY, r"\1vision_model.")], overwrite=True)
+
+
+_TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+
+
+def _load_dtype(raw: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype LLaVA's `CLIPVisionModel.from_pretrained(name)` gives its tower: under transformers 5
+    the checkpoint's own ("auto"), under 4 torch's default dtype (fp32, or the LLM's dtype while LLaVA's
+    `load_pretrained_model` builds the model inside `from_pretrained(torch_dtype=...)`)."""
+    if _TRANSFORMERS_MAJOR < 5:
+        return torch.get_default_dtype()
+    stored = [v.dtype for v in raw.values() if v.is_floating_point()]
+    return max(set(stored), key=stored.count) if stored else torch.get_default_dtype()
+
+
+def _flat_tensors_of_host(host_config: Any) -> dict[str, torch.Tensor]:
+    """transformers 4's `low_cpu_mem_usage` loader sets tensors by name and runs no module hook, so
+    flat tower names in the checkpoint being loaded (named by the host config's `name_or_path`, set
+    before the model is built) are read here, as `vision_model.*`; {} where there are none."""
+    import json
+    import os
+    import re
+
+    from safetensors import safe_open
+
+    folder = getattr(host_config, "name_or_path", None) or getattr(host_config, "_name_or_path", None)
+    if not isinstance(folder, str) or not os.path.isdir(folder):
+        return {}
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        return {}
+    pattern = re.compile(_FLAT_TOWER_KEY)
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted({v for k, v in weight_map.items() if pattern.match(k)}):
+        with safe_open(os.path.join(folder, file), "pt") as f:
+            for k in f.keys():
+                if m := pattern.match(k):
+                    out["vision_model." + k[m.end():]] = f.get_tensor(k)
+    return out
 
 
 # ------------------------------------------------------------------------------------- S2
@@ -181,13 +268,18 @@ class CLIPVisionTower(nn.Module, PatchGeometry):
         self.vision_tower_name = vision_tower
         self.select_layer = args.mm_vision_select_layer
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
-        if self.select_feature not in ("patch", "cls_patch"):
-            raise ConfigError(f"Unexpected select feature: {self.select_feature}")
+        self._feature = _base_feature(self.select_feature)
         self.s2_scales = sorted(map(int, str(getattr(args, "s2_scales", "336,672,1008")).split(","))) \
             if getattr(args, "s2", False) else None
         if self.s2_scales and self.select_feature != "patch":
             raise ConfigError("s2=True needs mm_vision_select_feature 'patch': LLaVA's S2 stitches square patch grids")
         self.family, self._arch = describe(vision_tower)
+        if self._feature != self.select_feature and self.family != "clip":
+            raise ConfigError(f"mm_vision_select_feature {self.select_feature!r} is LLaVA-NeXT's CLIP tower's; "
+                              f"{vision_tower} is a {self.family} tower")
+        self._layers = _slice_layers(self.select_feature, self.select_layer, self._arch.depth)
+        _map_flat_names(args)
+        self._host_config = args
         self.cfg_only = _hf_config(self._arch, self.family)
         if not delay_load or getattr(args, "unfreeze_mm_vision_tower", False) or \
                 "mm_vision_tower" in (getattr(args, "mm_tunable_parts", None) or ""):
@@ -197,10 +289,14 @@ class CLIPVisionTower(nn.Module, PatchGeometry):
         if self.is_loaded:
             logger.warning("%s is already loaded, `load_model` called again, skipping.", self.vision_tower_name)
             return
-        weights, raw = load_hf_vision(self.vision_tower_name, dtype=torch.float32)
+        weights, raw = load_hf_vision(self.vision_tower_name, dtype=None)  # as stored
+        dtype = _load_dtype(raw)
+        if _TRANSFORMERS_MAJOR < 5:
+            raw.update(_flat_tensors_of_host(self._host_config))
+        raw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()}
         siglip = weights.family == "siglip"
-        self.vision_tower = LlavaLayoutTower(weights, raw, select_layer=-1 if siglip else self.select_layer,
-                                             select_feature=self.select_feature, drop_last=siglip)
+        self.vision_tower = LlavaLayoutTower(weights, raw, select_layer=-1 if siglip else self._layers,
+                                             select_feature=self._feature, drop_last=siglip)
         if (device := _device(device_map)) is not None:
             self.vision_tower.to(device)
         self.image_processor = self.vision_tower.image_processor
@@ -244,12 +340,36 @@ class CLIPVisionTower(nn.Module, PatchGeometry):
 
     @property
     def hidden_size(self) -> int:
-        width = self.vision_tower.hidden_size if self.is_loaded else self.config.hidden_size
+        layers = len(self._layers) if isinstance(self._layers, list) else 1
+        width = self.vision_tower.hidden_size if self.is_loaded else self.config.hidden_size * layers
         return width * len(self.s2_scales or [0])
 
     @property
     def num_tokens(self) -> int:
-        return self.num_patches + (self.select_feature == "cls_patch" and self.family != "siglip")
+        return self.num_patches + (self._feature == "cls_patch" and self.family != "siglip")
+
+
+_SLICES = ("slicefour_", "slice_m25811_f6_")  # LLaVA-NeXT's CLIPVisionTower: several layers concatenated
+
+
+def _base_feature(feature: str) -> str:
+    """'patch' or 'cls_patch', with LLaVA-NeXT's layer-slice prefix taken off."""
+    base = next((feature[len(p):] for p in _SLICES if isinstance(feature, str) and feature.startswith(p)), feature)
+    if base not in ("patch", "cls_patch"):
+        raise ConfigError(f"Unexpected select feature: {feature}")
+    return base
+
+
+def _slice_layers(feature: str, select_layer: Any, depth: int) -> Any:
+    """The hidden states LLaVA-NeXT's `feature_select` concatenates for a slice feature, as it indexes
+    them (`hidden_states` has depth + 1 entries); `select_layer` itself otherwise."""
+    n = depth + 1
+    if feature.startswith("slicefour_"):
+        k = n // 4
+        return list(range(k + select_layer, n, k))
+    if feature.startswith("slice_m25811_f6_"):
+        return [-2, -5, -8, -11, 6]
+    return select_layer
 
 
 SigLipVisionTower = CLIPVisionTower  # LLaVA-NeXT's name for the SigLIP tower

@@ -18,6 +18,7 @@ from . import checkpoints as ck
 from . import formats as fm
 from .anyres import default_pinpoints
 from .errors import CheckpointError, ConfigError
+from .pooling import POOL_MODES
 from .preprocess import PreprocessConfig
 from .registry import (
     REGISTRY, FusedSpec, TowerSpec, family_preprocess, get_spec, match_fused, match_spec, spec_for_hub_id, with_arch,
@@ -120,7 +121,16 @@ def _from_hf(ckpt: ck.Checkpoint, spec: TowerSpec | None, image_size: int | None
 # ------------------------------------------------------------------------------------ towers inside VLMs
 # transformers' VLM classes whose vision tower is a CLIP / SigLIP `vision_tower` (config `vision_config`)
 VLM_TYPES = ("llava", "llava_next", "llava_next_video", "llava_onevision", "paligemma")
-_STRATEGIES = {"default": "drop the first token", "full": "keep all tokens"}
+
+
+def _pool_mode(mode: Any, source: str) -> str:
+    """A checkpoint's video pooling, refused at load where it is not a fixed pooling of the tokens."""
+    if mode not in POOL_MODES:
+        learned = " (a learned Conv2d, trained with the LLM, whose weights are not the tower's)" if mode == "conv" else ""
+        raise CheckpointError(f"{source}: its videos are pooled with spatial_pool_mode {mode!r}{learned}; vision-tower "
+                              f"pools tokens with {', '.join(POOL_MODES)} only, so it cannot give this model's video "
+                              "features; refused rather than loaded with pooling that would fail later")
+    return mode
 
 
 def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, final_norm: bool | None,
@@ -151,22 +161,23 @@ def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, f
         layer = cfg.get("vision_feature_layer", -2)
         defaults["select_layer"] = list(layer) if isinstance(layer, list) else layer
         strategy = cfg.get("vision_feature_select_strategy", "default")
-        if strategy not in _STRATEGIES:
-            raise CheckpointError(f"{ckpt.source}: vision_feature_select_strategy {strategy!r} is not one of "
-                                  f"{sorted(_STRATEGIES)}")
+        try:
+            defaults["select_feature"] = fm.strategy_feature(strategy, family)
+        except CheckpointError as e:
+            raise CheckpointError(f"{ckpt.source}: {e}") from None
         if family == "siglip" and strategy == "default":  # refused unless the caller chooses the feature
             defaults["refuse_default_feature"] = (
                 f"{ckpt.source} selects its features with strategy 'default', which drops the first token: a SigLIP "
                 "tower has no CLS, so the model drops a real patch. Load with select_feature='patch' to keep every "
                 "token (what 'full' gives)")
-        defaults["select_feature"] = "patch" if strategy == "default" or family == "siglip" else "cls_patch"
     if cfg.get("image_grid_pinpoints"):  # LLaVA-NeXT / OneVision: transformers reads sizes as (height, width)
         defaults |= {"grid_pinpoints": cfg["image_grid_pinpoints"], "convention": "transformers"}
         if max_patches := _anyres_max(cfg.get("vision_aspect_ratio", "")):
             defaults["max_num_patches"] = max_patches
     if cfg.get("model_type") == "llava_next_video":  # LlavaNextVideoPooler, before the projector
         defaults["video_pool"] = {"stride": cfg.get("spatial_pool_stride", 2),
-                                  "mode": cfg.get("spatial_pool_mode", "average"), "after_projector": False}
+                                  "mode": _pool_mode(cfg.get("spatial_pool_mode", "average"), ckpt.source),
+                                  "after_projector": False}
     elif cfg.get("model_type") == "llava_onevision":  # apply_pooling: bilinear to ceil(side / 2), after it
         defaults["video_pool"] = {"stride": 2, "mode": "bilinear", "after_projector": True}
     # transformers' processors composite transparency onto white; no EXIF rotation of PIL inputs
@@ -210,7 +221,8 @@ def _from_llava_checkpoint(ckpt: ck.Checkpoint, keys: set[str], prefix: str | No
         if max_patches := _anyres_max(aspect):
             defaults["max_num_patches"] = max_patches
     if "mm_spatial_pool_mode" in cfg:  # video: llava_arch's get_2dPool(feat) after mm_projector, at its default stride 2
-        defaults["video_pool"] = {"stride": 2, "mode": cfg["mm_spatial_pool_mode"], "after_projector": True}
+        defaults["video_pool"] = {"stride": 2, "mode": _pool_mode(cfg["mm_spatial_pool_mode"], ckpt.source),
+                                  "after_projector": True}
     mode = "pad" if aspect == "pad" else pre.default_mode
     pre = replace(pre, default_mode=mode, alpha="drop", exif=False)  # LLaVA: Image.open(...).convert("RGB")
     return TowerWeights(arch, pre, family, spec.name if spec else tower, ckpt.source, weights, defaults)

@@ -15,10 +15,12 @@ checkpoint expects. Four modes:
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence, Union
 
 import numpy as np
@@ -50,9 +52,11 @@ _RESAMPLE = {
 
 # Larger images are refused before decoding (PIL's own decompression-bomb threshold).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-# The same bound holds for every image made on the way (a padded canvas, a resize before the crop), and no
-# tower's preprocessing can use a sliver: a 20000x1 PNG of 138 bytes would otherwise be resized to 6.7M x 336.
-MAX_ASPECT = 100
+# The same bound holds for every image made on the way (a padded canvas, a resize before the crop): a
+# 20000x1 PNG of 138 bytes would otherwise be resized to 6.7M x 336. Work is bounded, not the aspect ratio:
+# the references process a 999x1 or 2000x15 image, and so does every mode here whose work stays in bound.
+# For images made on the way the bound is where PIL raises (`DecompressionBombError`, twice the warning's).
+MAX_MADE_PIXELS = 2 * MAX_PIXELS
 MAX_SIDE = 8192  # largest image_size / resize_size a preprocessing config may ask for
 
 
@@ -132,6 +136,8 @@ def load_image(image: ImageInput, alpha: Alpha = "drop", exif: bool = False) -> 
     """
     if isinstance(image, (str, os.PathLike, io.IOBase)):  # a path, or an open file (a tar member's bytes)
         name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else getattr(image, "name", "an image file")
+        if isinstance(image, (str, os.PathLike)):
+            _check_regular(image, name)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -146,6 +152,8 @@ def load_image(image: ImageInput, alpha: Alpha = "drop", exif: bool = False) -> 
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             detail = str(e).replace(repr(image), "it")  # PIL names a file object by its repr (an address)
             raise ImageLoadError(f"cannot read image {name!r}: {detail}") from e
+        except Exception as e:  # a decoder's own failure on one file (a DDS variant PIL does not implement, ...)
+            raise ImageLoadError(f"cannot read image {name!r}: the decoder failed ({type(e).__name__}: {e})") from e
     if isinstance(image, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(image) if exif else image, alpha)
     if isinstance(image, torch.Tensor):
@@ -162,6 +170,20 @@ def load_image(image: ImageInput, alpha: Alpha = "drop", exif: bool = False) -> 
             raise ImageLoadError(f"image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {image.shape}")
         return _to_rgb(Image.fromarray(np.ascontiguousarray(image)), alpha)
     raise ImageLoadError(f"unsupported image input of type {type(image).__name__}; expected a path, PIL image or uint8 array")
+
+
+def _check_regular(path: str | os.PathLike, name: str) -> None:
+    """`ImageLoadError` for a path that is not a regular file: a FIFO would block the read forever, a
+    directory or device is no image."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ImageLoadError(f"cannot read image {name!r}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ImageLoadError(f"cannot read image {name!r}: it is {kind}, not an image file")
 
 
 def _to_rgb(im: Image.Image, alpha: Alpha) -> Image.Image:
@@ -212,21 +234,21 @@ def resample_filter(cfg: PreprocessConfig) -> Image.Resampling:
 
 def check_work(width: int, height: int, cfg: PreprocessConfig, mode: Mode) -> None:
     """Refuse, before any pixel is made, an image whose preprocessing would make an image over the
-    decompression-bomb bound (`MAX_PIXELS`) or that is more than `MAX_ASPECT` times longer than wide:
-    the work per image stays bounded whatever its size on disk."""
+    decompression-bomb bound (`MAX_MADE_PIXELS`): the work per image stays bounded whatever its size on
+    disk, and whatever its aspect ratio (a 999x1 image is padded, squashed or cropped as the
+    references do it, wherever that stays in bound)."""
     short, long = sorted((width, height))
-    if short < 1 or long > MAX_ASPECT * short:
-        raise ImageLoadError(f"image is {width}x{height}: an aspect ratio beyond {MAX_ASPECT}:1, which no tower's "
-                             "preprocessing can use")
+    if short < 1:
+        raise ImageLoadError(f"image is {width}x{height}: it has no pixels")
     if mode in ("pad", "letterbox"):  # a square canvas of the long side, then the crop's resize of that square
         made = max(long * long, cfg.shortest_edge ** 2)
     elif mode == "crop":
         made = cfg.shortest_edge * int(cfg.shortest_edge * long / short)
     else:
         made = cfg.image_size ** 2
-    if made > MAX_PIXELS:
+    if made > MAX_MADE_PIXELS:
         raise ImageLoadError(f"image is {width}x{height}: its {mode} preprocessing would make a {made / 1e6:.0f} MP "
-                             f"image, over the {MAX_PIXELS / 1e6:.0f} MP bound")
+                             f"image, over the {MAX_MADE_PIXELS / 1e6:.0f} MP bound")
 
 
 def transform(img: Image.Image, cfg: PreprocessConfig, mode: Mode | None = None) -> torch.Tensor:
@@ -359,6 +381,35 @@ class ImageProcessor:
             mean=tuple(self.image_mean), std=tuple(self.image_std), interpolation=_RESAMPLE_NAMES[self.resample],
             default_mode=self.config.default_mode, alpha=self.config.alpha, exif=self.config.exif,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The transformers processor config that preprocesses as this one does: `CLIPImageProcessor`
+        (resize the short side, centre crop; LLaVA's `pad` squares the image before it), or for
+        `squash` `SiglipImageProcessor` (resize to the square)."""
+        cfg = self.current_config()
+        common = {"do_resize": True, "resample": self.resample, "do_rescale": True, "rescale_factor": 1 / 255,
+                  "do_normalize": True, "image_mean": list(cfg.mean), "image_std": list(cfg.std), "do_convert_rgb": True}
+        if self.mode == "squash":
+            return {"image_processor_type": "SiglipImageProcessor", **common,
+                    "size": {"height": cfg.image_size, "width": cfg.image_size}}
+        return {"image_processor_type": "CLIPImageProcessor", **common, "size": {"shortest_edge": cfg.shortest_edge},
+                "do_center_crop": True, "crop_size": {"height": cfg.image_size, "width": cfg.image_size}}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        Path(json_file_path).write_text(self.to_json_string())
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """`preprocessor_config.json` in `save_directory`, as a training script saves the processor beside
+        the model (`AutoImageProcessor.from_pretrained` reads it back)."""
+        if os.path.isfile(save_directory):
+            raise ConfigError(f"{os.fspath(save_directory)} is a file; save_pretrained takes a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, "preprocessor_config.json")
+        self.to_json_file(path)
+        return [path]
 
     def __repr__(self) -> str:
         return f"ImageProcessor(mode={self.mode!r}, {self.config})"

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from .cache.format import write_json_atomic
 from .checkpoints import state_dict_sha256
 from .data import LlavaRecord, read_llava_json, resolve_key
-from .distributed import dist_env, resolve_device
+from .distributed import DieWithParent, dist_env, resolve_device
 from .errors import ConfigError, ImageLoadError
 from .faults import fault_point
 from .imagetext import ImageTextModel
@@ -47,7 +47,7 @@ class ScoreConfig:
     out: str  # scores.jsonl
     batch_size: int = 64
     num_workers: int = 4
-    dtype: str = "bf16"
+    dtype: str = "fp32"  # classify's default too: the reference model's own scores
     device: str = "cpu"
     overwrite: bool = False
     keep_above: float | None = None
@@ -173,6 +173,10 @@ def score(cfg: ScoreConfig, model: ImageTextModel | None = None) -> ScoreResult:
         raise ConfigError(f"--images {root} is not a directory")
     if out.is_dir() or not out.parent.is_dir():
         raise ConfigError(f"--out {out}: " + ("is a directory" if out.is_dir() else "its folder does not exist"))
+    for option, path in (("--write-list", cfg.write_list), ("--histogram", cfg.histogram)):
+        if path is not None and (Path(path).is_dir() or not Path(path).parent.is_dir()):
+            raise ConfigError(f"{option} {path}: " + ("is a directory" if Path(path).is_dir() else
+                                                      "its folder does not exist") + "; give a file path to write")
     if not Path(cfg.list).is_file():
         what = "is a directory" if Path(cfg.list).is_dir() else "is not a file" if Path(cfg.list).exists() else "does not exist"
         raise ConfigError(f"--list {cfg.list} {what}"
@@ -206,7 +210,7 @@ def _score_pending(cfg: ScoreConfig, model: ImageTextModel, root: Path, records:
 
     loader = DataLoader(_Pairs(root, [key for _, key, _ in pending], model.tower.transform()),
                         batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
-                        prefetch_factor=4 if cfg.num_workers else None)
+                        prefetch_factor=4 if cfg.num_workers else None, worker_init_fn=DieWithParent())
     written = 0
     with open(cfg.out, "a") as f, tqdm(total=len(pending), unit="pair", desc="score", disable=not cfg.progress) as bar:
         for batch in loader:

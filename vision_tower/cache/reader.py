@@ -23,7 +23,7 @@ from ..strings import KeyIndex, StringArray, StringArrayBuilder, StringMap
 from .format import (
     FORMAT, PLAN_FILE, ShardHeader, canonical_json, check_header, file_sha256, keys_sha256, manifest_path, map_rows,
     metadata_diff, read_embeddings, read_header, read_manifest, read_plan, read_raw_header, shard_header, shard_index,
-    shard_name, views_sha256, write_json_atomic,
+    shard_name, views_sha256, write_bytes_atomic, write_json_atomic,
 )
 
 
@@ -179,6 +179,8 @@ class FeatureCache:
     `metadata.json`."""
 
     def __init__(self, path: str | os.PathLike, feature: str | None = None, max_open_shards: int = 128) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"FeatureCache takes the path of a cache directory; got {type(path).__name__} {path!r}")
         if not isinstance(max_open_shards, int) or max_open_shards < 1:
             raise ValueError(f"max_open_shards must be an int >= 1; got {max_open_shards!r}")
         self.path = Path(path)
@@ -216,9 +218,12 @@ class FeatureCache:
         self.failures: dict[str, str] = {}
         keys, captions, geometry = StringArrayBuilder(), [], StringArrayBuilder()
         ids, firsts, starts, counts, self._files = [], [], array("q"), array("q"), {}
+        marked = set(shard_numbers(self.path / "shards", BAD_SUFFIX))
         for shard in shard_numbers(self.path / "shards", ".json"):
             manifest, problem = read_manifest(manifest_path(self.path / "shards", shard))
             problem = exclude.get(shard, problem)
+            if problem is None and shard in marked:
+                problem = f"`verify` found it bad ({bad_reason(self.path / 'shards', shard)}); run the extraction again"
             if problem is not None:
                 self.damaged[shard] = problem
                 continue
@@ -426,10 +431,22 @@ class FeatureCache:
             return bounds[shard + 1] - bounds[shard]
         return min(m["shard_size"], m["num_keys"] - shard * m["shard_size"])
 
-    def verify(self) -> dict[str, str]:
+    def verify(self, mark: bool = False) -> dict[str, str]:
         """Check every shard the key list implies: present, its manifest consistent with the shard's own
         record (number, keys, row count, dtype, the metadata it was written under) and its rows' hash.
-        Returns {shard file: problem}; empty means the cache is complete and intact."""
+        Returns {shard file: problem}; empty means the cache is complete and intact.
+
+        `mark` (what `vision-tower verify` does): leave `shard-N.bad` beside each bad shard, so that reads
+        stop serving it and the next extraction redoes it (a resume checks headers, not rows' hashes:
+        re-hashing every kept shard would read the whole cache)."""
+        bad = self._verify()
+        if mark:
+            for name, problem in bad.items():
+                if (s := shard_index(name)) is not None:
+                    write_bytes_atomic(self.path / "shards" / f"{shard_name(s)}{BAD_SUFFIX}", problem.encode())
+        return bad
+
+    def _verify(self) -> dict[str, str]:
         bad = {f"{shard_name(s)}.json": problem for s, problem in self.damaged.items()}
         try:
             self.plan
@@ -466,6 +483,16 @@ class FeatureCache:
         return (f"FeatureCache({str(self.path)!r}, {len(self)} features of ({m['tokens']}, {m['channels']}) "
                 f"{m['dtype']}, tower={m['tower']!r}, layer={m['layer']}, feature={self.feature!r}, "
                 f"{len(self.failures)} failed)")
+
+
+BAD_SUFFIX = ".bad"  # shard-N.bad: `verify` found shard N bad (its content: why); the next extraction redoes it
+
+
+def bad_reason(shard_dir: Path, shard: int) -> str:
+    try:
+        return (shard_dir / f"{shard_name(shard)}{BAD_SUFFIX}").read_text(errors="replace")[:500]
+    except OSError:
+        return "its marker cannot be read"
 
 
 def shard_numbers(shard_dir: Path, suffix: str) -> list[int]:
@@ -530,4 +557,8 @@ def inspect_cache(path: str | os.PathLike) -> str:
         lines.append(f"  failed {key}: {reason}")
     if len(cache.failures) > 20:
         lines.append(f"  ... {len(cache.failures) - 20} more failures")
+    for shard, problem in sorted(cache.damaged.items()):  # its keys are not counted above
+        lines.append(f"  damaged {shard_name(shard)}: {problem}")
+    if cache.damaged:
+        lines.append(f"{len(cache.damaged)} damaged shards: run the extraction again with the same options to redo them")
     return "\n".join(lines)

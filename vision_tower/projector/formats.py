@@ -19,14 +19,15 @@ import torch
 
 from ..checkpoints import fetch_file, offline_error, read_json, read_tensors, refuse_empty, weight_files_in
 from ..errors import CheckpointError, ConfigError
+from ..formats import hf_family, strategy_feature
 from ..registry import REGISTRY, TowerSpec
 
-CONFIG_FIELDS = ("kind", "in_features", "out_features", "tower", "select_layer", "select_feature", "cast_to_input")
+CONFIG_FIELDS = ("kind", "in_features", "out_features", "tower", "select_layer", "select_feature", "cast_to_input",
+                 "bias")
 _LLAVA_FILES = ("mm_projector.bin", "mm_projector.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 _OPENVLA_NAMES = {"fc1": "0", "fc2": "2", "fc3": "4"}
 _HF_NAMES = {"linear_1": "0", "linear_2": "2", "linear": "0"}  # LLaVA family: linear_1 / linear_2; PaliGemma: linear
-_STRATEGY_TO_FEATURE = {"default": "patch", "full": "cls_patch"}
 
 
 class ProjectorLike(Protocol):
@@ -97,13 +98,19 @@ def sequential_state(proj: ProjectorLike, dtype: torch.dtype | None = None) -> d
     return {k: v.detach().to(dtype or v.dtype).contiguous().clone() for k, v in sd.items()}
 
 
+def _refuse_bias_free(proj: ProjectorLike, target: str) -> None:
+    if not getattr(proj, "has_bias", True) and proj.kind != "identity":
+        raise ConfigError(f"this projector has no biases, which {target} cannot hold; save it with "
+                          "save_pretrained, or as transformers' LLaVA (multimodal_projector_bias=False)")
+
+
 def _source(src: Any) -> str:
     return "state dict" if isinstance(src, Mapping) else str(src)
 
 
 # ---------------------------------------------------------------------------------- our own
 def config_dict(proj: ProjectorLike) -> dict[str, Any]:
-    return {f: getattr(proj, f) for f in CONFIG_FIELDS}
+    return {f: getattr(proj, "has_bias" if f == "bias" else f) for f in CONFIG_FIELDS}
 
 
 def read_pretrained(name_or_path: str | Path, revision: str | None = None,
@@ -169,6 +176,7 @@ def write_llava(proj: ProjectorLike, directory: str | Path, *, select_layer: int
     loads), and a `config.json` with the fields LLaVA reads. Returns the .bin's path."""
     if proj.kind == "fused_gelu_mlp":
         raise ConfigError("LLaVA has no 'fused_gelu_mlp' projector; export_llava takes linear, mlpNx_gelu or identity")
+    _refuse_bias_free(proj, "LLaVA's mm_projector (its builder always has biases)")
     layer = select_layer if select_layer is not None else proj.select_layer
     feature = select_feature or proj.select_feature
     if layer is None or feature is None:
@@ -219,8 +227,11 @@ def read_hf_llava(src: str | Path | Mapping[str, torch.Tensor], dtype: torch.dty
         if cfg.get("model_type") == "paligemma":
             provenance = {"select_layer": -1, "select_feature": "patch"}  # SigLIP's last_hidden_state
         else:
+            vision = cfg.get("vision_config")
+            family = hf_family(vision, _source(src)) if isinstance(vision, dict) and vision.get("model_type") else "clip"
+            strategy = cfg.get("vision_feature_select_strategy")
             provenance = {"select_layer": cfg.get("vision_feature_layer"),
-                          "select_feature": _STRATEGY_TO_FEATURE.get(cfg.get("vision_feature_select_strategy", ""))}
+                          "select_feature": strategy_feature(strategy, family) if strategy else None}
     kind, in_f, out_f = _infer_kind(sd, three_linears="mlp3x_gelu")
     return ProjectorWeights(kind, in_f, out_f, {k: v.to(dtype) for k, v in sd.items()}, _source(src), provenance)
 
@@ -229,6 +240,7 @@ def read_hf_llava(src: str | Path | Mapping[str, torch.Tensor], dtype: torch.dty
 def prismatic_state(proj: ProjectorLike, style: str = "prismatic") -> dict[str, torch.Tensor]:
     """`style="prismatic"`: the `projector` module's state dict (`projector.0/2/4.*`);
     `style="openvla"`: the HF OpenVLA names (`projector.fc1/fc2/fc3.*`)."""
+    _refuse_bias_free(proj, "Prismatic / OpenVLA's projector (always with biases)")
     sd = sequential_state(proj)
     if style == "prismatic":
         return {f"projector.{k}": v for k, v in sd.items()}

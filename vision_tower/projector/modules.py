@@ -34,10 +34,14 @@ from ..errors import ConfigError
 from . import formats as fmt
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
+MAX_MLP_DEPTH = 64  # mlp{N}x_gelu layers taken (LLaVA's is 2): refused before anything is allocated
 KINDS = ("linear", "mlp{N}x_gelu", "fused_gelu_mlp", "identity")
 
 
-def _layers(kind: str, in_features: int, out_features: int) -> list[nn.Module]:
+def _layers(kind: str, in_features: int, out_features: int, bias: bool = True) -> list[nn.Module]:
+    if not all(isinstance(w, int) and not isinstance(w, bool) for w in (in_features, out_features)):
+        raise ConfigError(f"projector widths must be whole numbers; got in_features={in_features!r}, "
+                          f"out_features={out_features!r}")
     if in_features <= 0 or out_features <= 0:
         raise ConfigError(f"projector widths must be positive; got in_features={in_features}, out_features={out_features}")
     if kind == "linear":
@@ -48,13 +52,15 @@ def _layers(kind: str, in_features: int, out_features: int) -> list[nn.Module]:
         return []
     if kind == "fused_gelu_mlp":
         hidden = 4 * in_features
-        return [nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, out_features), nn.GELU(),
-                nn.Linear(out_features, out_features)]
-    m = _MLP.match(kind)
+        return [nn.Linear(in_features, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, out_features, bias=bias),
+                nn.GELU(), nn.Linear(out_features, out_features, bias=bias)]
+    m = _MLP.match(kind) if isinstance(kind, str) else None
+    if m and int(m.group(1)) > MAX_MLP_DEPTH:
+        raise ConfigError(f"projector kind {kind!r} has {int(m.group(1))} linear layers; at most {MAX_MLP_DEPTH} are taken")
     if m and int(m.group(1)) >= 1:
-        layers: list[nn.Module] = [nn.Linear(in_features, out_features)]
+        layers: list[nn.Module] = [nn.Linear(in_features, out_features, bias=bias)]
         for _ in range(int(m.group(1)) - 1):
-            layers += [nn.GELU(), nn.Linear(out_features, out_features)]
+            layers += [nn.GELU(), nn.Linear(out_features, out_features, bias=bias)]
         return layers
     raise ConfigError(f"unknown projector kind {kind!r}; expected one of {', '.join(KINDS)} (N >= 1)")
 
@@ -69,7 +75,8 @@ class Projector(
     """A projector plus the provenance of the features it was trained on.
 
     `tower`, `select_layer` and `select_feature` record which vision features the projector
-    expects; they are saved in `config.json` and checked by `check_features`.
+    expects; they are saved in `config.json` and checked by `check_features`. `bias=False`: linear
+    layers without bias (transformers' `multimodal_projector_bias=False`).
     """
 
     def __init__(
@@ -82,10 +89,13 @@ class Projector(
         select_layer: int | list[int] | None = None,
         select_feature: str | None = None,
         cast_to_input: bool = False,
+        bias: bool = True,
     ) -> None:
-        super().__init__(*_layers(kind, in_features, out_features))
+        if not isinstance(bias, bool):
+            raise ConfigError(f"projector bias must be True or False; got {bias!r}")
+        super().__init__(*_layers(kind, in_features, out_features, bias))
         if kind == "linear":  # named `weight` / `bias` as LLaVA's bare nn.Linear, so its checkpoints load by name
-            bare = nn.Linear(in_features, out_features)
+            bare = nn.Linear(in_features, out_features, bias=bias)
             self.weight, self.bias = bare.weight, bare.bias
             self._register_load_state_dict_pre_hook(_accept_sequential_names)
         self.kind = kind
@@ -95,10 +105,14 @@ class Projector(
         self.select_layer = list(select_layer) if isinstance(select_layer, Sequence) else select_layer
         self.select_feature = select_feature
         self.cast_to_input = cast_to_input
+        self.has_bias = bias  # (`self.bias` is the linear kind's parameter)
 
     @classmethod
     def for_tower(cls, kind: str, tower: Any, out_features: int, **kwargs: Any) -> "Projector":
         """A projector sized for `tower`'s output (`hidden_size`), recording its name and selection."""
+        if not all(hasattr(tower, a) for a in ("hidden_size", "name", "select_layer", "select_feature")):
+            raise ConfigError(f"Projector.for_tower needs a vision tower (hidden_size, name, select_layer, "
+                              f"select_feature); got {type(tower).__name__}. Without one: build_projector(kind, in, out)")
         return cls(kind, tower.hidden_size, out_features, tower=tower.name, select_layer=tower.select_layer,
                    select_feature=tower.select_feature, **kwargs)
 
@@ -144,7 +158,9 @@ class Projector(
     @classmethod
     def from_weights(cls, w: fmt.ProjectorWeights, **overrides: Any) -> "Projector":
         """Build from what a `formats` reader returned, loading strictly (every tensor listed on a mismatch)."""
-        proj = cls(w.kind, w.in_features, w.out_features, **{**w.provenance, **overrides})
+        kwargs = {"bias": w.kind == "identity" or any(k.endswith("bias") for k in w.state),  # as the weights have it
+                  **w.provenance, **overrides}
+        proj = cls(w.kind, w.in_features, w.out_features, **kwargs)
         state = {k.removeprefix("0."): v for k, v in w.state.items()} if w.kind == "linear" else w.state
         load_into(proj, state, w.source)
         return proj
