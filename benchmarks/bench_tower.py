@@ -44,24 +44,42 @@ def matmul_rate(dtype: torch.dtype, device: str) -> float:
     return 2 * 4096 * 1024 * 4096 / statistics.median(times) / 1e9
 
 
-def build(dtype: torch.dtype, device: str, compile_ours: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """name -> x -> (B, 577, 1024) layer -2 tokens, all on the same weights."""
-    import open_clip
+def tower_spec(tiny: bool = False):
+    """CLIP ViT-L/14@336, or (`tiny`: the GPU suite's CPU smoke run) the same family at width 64, 4 blocks, 56 px."""
+    from dataclasses import replace
+
+    from vision_tower.registry import REGISTRY
+
+    spec = REGISTRY["clip-vit-large-patch14-336"]
+    return replace(spec, arch=replace(spec.arch, image_size=56, width=64, depth=4, heads=4, mlp_dim=256)) if tiny else spec
+
+
+def build(dtype: torch.dtype, device: str, compile_ours: bool, tiny: bool = False
+          ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """name -> x -> (B, 577, 1024) layer -2 tokens, all on the same weights (`tiny`: see `tower_spec`)."""
     import timm
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from vision_tower import VisionTower
     from vision_tower.formats import to_hf_clip
 
-    ours = VisionTower.from_config("clip-vit-large-patch14-336", seed=0)
+    spec = tower_spec(tiny)
+    a = spec.arch
+    ours = VisionTower.from_config(spec, seed=0)
     sd = ours.vit.state_dict()
-    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                          num_attention_heads=16, image_size=336, patch_size=14),
+    hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=a.width, intermediate_size=a.mlp_dim, num_hidden_layers=a.depth,
+                                          num_attention_heads=a.heads, image_size=a.image_size, patch_size=a.patch_size),
                          ).eval()
     hf.load_state_dict(to_hf_clip(sd, ours.config))
     hf.config._attn_implementation = "sdpa"
-    tm = timm.create_model("vit_large_patch14_clip_quickgelu_336", pretrained=False, num_classes=0).eval()
+    sizes = dict(embed_dim=a.width, depth=a.depth, num_heads=a.heads, img_size=a.image_size) if tiny else {}
+    tm = timm.create_model("vit_large_patch14_clip_quickgelu_336", pretrained=False, num_classes=0, **sizes).eval()
     tm.load_state_dict(sd, strict=False)  # ours has no final norm: it is never used for layer -2
+    layer = a.depth - 2  # block index of hidden_states[-2]
+    if tiny:  # open_clip's model configs are fixed sizes: left out of the smoke run
+        return _fns(ours, hf, tm, None, spec, layer, dtype, device, compile_ours)
+    import open_clip
+
     oc = open_clip.create_model("ViT-L-14-336", pretrained=None, force_quick_gelu=True).visual.eval()
     oc_sd = {"conv1.weight": sd["patch_embed.proj.weight"], "class_embedding": sd["cls_token"].flatten(),
              "positional_embedding": sd["pos_embed"][0], "ln_pre.weight": sd["norm_pre.weight"],
@@ -74,19 +92,26 @@ def build(dtype: torch.dtype, device: str, compile_ours: bool) -> dict[str, Call
         oc_sd[f"transformer.resblocks.{i}.attn.in_proj_weight"] = sd[f"blocks.{i}.attn.qkv.weight"]
         oc_sd[f"transformer.resblocks.{i}.attn.in_proj_bias"] = sd[f"blocks.{i}.attn.qkv.bias"]
     oc.load_state_dict(oc_sd, strict=False)
+    return _fns(ours, hf, tm, oc, spec, layer, dtype, device, compile_ours)
+
+
+def _fns(ours, hf, tm, oc, spec, layer, dtype, device, compile_ours) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    from vision_tower import VisionTower
+
     for m in (ours, hf, tm, oc):
-        m.to(device=device, dtype=dtype)
+        if m is not None:
+            m.to(device=device, dtype=dtype)
 
     def timm_fn(stop_early: bool):
         def f(x):
-            patches, prefix = tm.forward_intermediates(x, indices=[22], stop_early=stop_early, norm=False,
+            patches, prefix = tm.forward_intermediates(x, indices=[layer], stop_early=stop_early, norm=False,
                                                        output_fmt="NLC", intermediates_only=True,
                                                        return_prefix_tokens=True)[0]
             return torch.cat([prefix, patches], dim=1)
         return f
 
     def open_clip_fn(x):
-        out = oc.forward_intermediates(x, indices=[22], stop_early=True, output_fmt="NLC", intermediates_only=True,
+        out = oc.forward_intermediates(x, indices=[layer], stop_early=True, output_fmt="NLC", intermediates_only=True,
                                        output_extra_tokens=True)
         return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
 
@@ -95,24 +120,26 @@ def build(dtype: torch.dtype, device: str, compile_ours: bool) -> dict[str, Call
         "vision-tower": ours,
         "timm forward_intermediates stop_early": timm_fn(True),
         "timm forward_intermediates": timm_fn(False),
-        "open_clip forward_intermediates stop_early": open_clip_fn,
     }
-    native = VisionTower.from_config("clip-vit-large-patch14-336", seed=0, attn_implementation="native")
+    if oc is not None:
+        fns["open_clip forward_intermediates stop_early"] = open_clip_fn
+    native = VisionTower.from_config(spec, seed=0, attn_implementation="native")
     fns["vision-tower attn_implementation='native'"] = native.to(device=device, dtype=dtype)
     if compile_ours:
-        compiled = VisionTower.from_config("clip-vit-large-patch14-336", seed=0).to(device=device, dtype=dtype)
+        compiled = VisionTower.from_config(spec, seed=0).to(device=device, dtype=dtype)
         compiled.compile()
         fns["vision-tower + torch.compile"] = compiled
     return fns
 
 
 def run(batch: int, repeats: int, dtype_name: str, device: str, compile_ours: bool,
-        impls: list[str] | None = None) -> list[dict]:
+        impls: list[str] | None = None, tiny: bool = False) -> list[dict]:
     dtype = DTYPES[dtype_name]
-    fns = build(dtype, device, compile_ours)
+    fns = build(dtype, device, compile_ours, tiny)
     if impls:  # the LLaVA path is the reference and always stays
         fns = {k: v for i, (k, v) in enumerate(fns.items()) if i == 0 or any(s in k for s in impls)}
-    x = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    size = tower_spec(tiny).arch.image_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     sync = device != "cpu"
     with torch.inference_mode():
         outputs = {name: f(x).float() for name, f in fns.items()}  # warm-up (and torch.compile's compilation)
