@@ -187,7 +187,9 @@ def part_extract(ctx: Ctx) -> list[dict]:
 
 
 def part_extract_bench(ctx: Ctx) -> list[dict]:
-    from benchmarks import bench_extract
+    from benchmarks import bench_extract, common
+
+    common.RESULTS = ctx.out / "bench-results"  # not over the committed benchmarks/results
 
     args = ["--device", ctx.device] + (["--images", "8", "--batch", "4", "--tower", "clip-vit-base-patch32",
                                         "--scale-tower", "clip-vit-base-patch32", "--scale-images", "4"]

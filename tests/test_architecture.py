@@ -14,6 +14,7 @@ LAYERS = [
     ["errors", "version", "distributed", "faults", "strings"],
     ["preprocess", "pooling", "data", "anyres", "video", "sources"],
     ["vit"],
+    ["families"],
     ["registry"],
     ["checkpoints"],
     ["formats"],
@@ -95,6 +96,35 @@ def test_imports_point_down_the_layers():
     assert not [a for a, bs in edges.items() if a.startswith("vision_tower") and any(b.startswith("projector") for b in bs)]
 
 
+def family_branches(path: Path, names: set[str]) -> list[str]:
+    """Comparisons against a family's name (`x == "clip"`, `kind in ("clip", "siglip")`) and dicts keyed by
+    family names: the string branches that keep a family from being a unit."""
+    found = []
+
+    def literal_names(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Constant) and node.value in names:
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return {e.value for e in node.elts if isinstance(e, ast.Constant) and e.value in names}
+        return set()
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare) and any(literal_names(n) for n in [node.left, *node.comparators]):
+            found.append(f"{path.name}:{node.lineno}")
+        if isinstance(node, ast.Dict) and any(k is not None and literal_names(k) for k in node.keys):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_code_outside_the_family_modules_branches_on_a_family_name():
+    from vision_tower.families import FAMILIES
+
+    names = set(FAMILIES)
+    offenders = [hit for name, path in modules("vision_tower").items() if not name.startswith("vision_tower.families")
+                 for hit in family_branches(path, names)]
+    assert not offenders, offenders
+
+
 def test_no_module_imports_another_modules_private_names():
     offenders = []
     for package in ("vision_tower", "projector", "tests", "benchmarks"):
@@ -132,3 +162,32 @@ def test_the_public_api_imports_without_the_training_extra():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
     assert importlib.import_module("vision_tower.training").train
+
+
+def test_no_function_is_longer_than_100_lines():
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for name, path in modules("vision_tower").items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100]
+    assert not long, long
+
+
+# config fields set by the CLI under another name, or only from Python (each said once, here)
+CLI_ELSEWHERE = {"progress": "--quiet", "views": "--anyres / --video", "extra_metadata": "Python only",
+                 "queue_mb": "Python only"}
+
+
+@pytest.mark.parametrize("command, config", [("extract", "vision_tower.extract:ExtractConfig"),
+                                             ("score", "vision_tower.score:ScoreConfig"),
+                                             ("align", "vision_tower.training:AlignConfig")])
+def test_the_cli_declares_each_config_field_once(command, config):
+    """Every field of a run's config dataclass is a CLI option of the same name (or listed above), and every
+    option is a field: a new field cannot be forgotten by the command line, nor an option drift from it."""
+    import dataclasses
+
+    from vision_tower.cli import build_parser
+
+    module, cls = config.split(":")
+    fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    parser = next(a for a in build_parser()._subparsers._group_actions if a.choices).choices[command]
+    options = {a.dest for a in parser._actions} - {"help", "quiet", "anyres", "video"}
+    assert fields - set(CLI_ELSEWHERE) == options - set(CLI_ELSEWHERE), (fields ^ options) - set(CLI_ELSEWHERE)

@@ -170,6 +170,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     """Zero-shot labels of a few images: a smoke test that an image-text checkpoint loaded right."""
     import torch
 
+    from . import families
     from .distributed import resolve_device
     from .imagetext import DEFAULT_TEMPLATES, ENSEMBLE_TEMPLATES, ImageTextModel
 
@@ -195,8 +196,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"{path}\t" + "\t".join(f"{labels[i]} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
             done += 1
     elapsed = time.perf_counter() - start
+    softmax = families.get(model.kind).image_text.probabilities == "softmax"
     print(f"done: {done} images, {failed} failed, {len(labels)} labels x {len(templates)} templates, {elapsed:.1f} s; "
-          f"{'softmax over the labels' if model.kind == 'clip' else 'a sigmoid per label'} ({model.kind})")
+          f"{'softmax over the labels' if softmax else 'a sigmoid per label'} ({model.kind})")
     return 1 if failed and not done else 0
 
 
@@ -218,17 +220,11 @@ _SCORE_DTYPE = ("default fp32, as for classify and score alike: the scores of tr
                 "bf16 is faster on GPUs and moves scores by about 1e-3")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .anyres import CONVENTIONS  # the choices of options, from the modules that define them
-    from .extract import POOLS
-    from .preprocess import ALPHAS, MODES
+def _commands_of_features(sub: argparse._SubParsersAction) -> None:
+    """`towers` and `features`: options and defaults."""
+    from .preprocess import MODES
     from .registry import DEFAULT_TOWER
     from .tower import FEATURES
-    from .video import SAMPLERS
-    from .vit import ATTN_IMPLEMENTATIONS
-
-    p = argparse.ArgumentParser(prog="vision-tower", description="Vision towers for LLaVA- and OpenVLA-style models.")
-    sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("towers", help="list the registered towers")
     t.set_defaults(func=cmd_towers)
@@ -248,6 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, help="write the features to this .safetensors file (one tensor per image)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=cmd_features)
+
+
+def _command_extract(sub: argparse._SubParsersAction) -> None:
+    """`extract`: options and defaults (the choices come from the modules that define them)."""
+    from .anyres import CONVENTIONS
+    from .extract import POOLS
+    from .preprocess import ALPHAS, MODES
+    from .registry import DEFAULT_TOWER
+    from .tower import FEATURES
+    from .video import SAMPLERS
+    from .vit import ATTN_IMPLEMENTATIONS
 
     e = sub.add_parser("extract", help="precompute features for a dataset into a resumable cache")
     e.add_argument("--images", required=True, help="image root; keys are paths relative to it")
@@ -298,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_extract)
 
+
+def _command_align(sub: argparse._SubParsersAction) -> None:
+    """`align`: options and defaults."""
+    from .tower import FEATURES
+
     a = sub.add_parser("align", help="projector pre-alignment (LLaVA stage 1), from a cache or online")
     a.add_argument("--data", help="LLaVA-Pretrain JSON (or Prismatic chat.json); not needed with a --cache "
                                   "extracted from WebDataset shards (their captions are in it)")
@@ -330,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-q", "--quiet", action="store_true")
     a.set_defaults(func=cmd_align)
 
+
+def _commands_of_scores(sub: argparse._SubParsersAction) -> None:
+    """`classify` and `score`: options and defaults."""
     c = sub.add_parser("classify", help="zero-shot labels of images with a CLIP / SigLIP checkpoint")
     c.add_argument("images", nargs="+", help="image files")
     c.add_argument("--model", default="openai/clip-vit-large-patch14-336",
@@ -360,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)
 
+
+def _commands_of_caches(sub: argparse._SubParsersAction) -> None:
+    """`inspect` and `verify`: options and defaults."""
     i = sub.add_parser("inspect", help="print a cache's metadata, counts and failures")
     i.add_argument("cache")
     i.set_defaults(func=cmd_inspect)
@@ -368,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--restore-metadata", action="store_true",
                    help="first write metadata.json again from what the shards recorded of it")
     v.set_defaults(func=cmd_verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vision-tower", description="Vision towers for LLaVA- and OpenVLA-style models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_commands_of_features, _command_extract, _command_align, _commands_of_scores, _commands_of_caches):
+        add(sub)
     return p
 
 

@@ -19,74 +19,32 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 
+from . import families
 from .checkpoints import CheckpointError
-from .vit import ViTConfig
+from .vit import ViTConfig, fit_pos_embed, resample_grid  # noqa: F401  (resample_grid: imported from here before)
 
 Tensors = dict[str, torch.Tensor]
 
 FORMATS = ("hf", "timm", "open_clip", "openai", "openvla", "prismatic")
-
-# transformers `model_type` -> family. The family is read from the checkpoint, never from its name.
-HF_MODEL_TYPES = {
-    "clip": "clip", "clip_vision_model": "clip",
-    "siglip": "siglip", "siglip_vision_model": "siglip",
-    "dinov2": "dinov2", "dinov2_with_registers": "dinov2",
-}
-
 
 def unexpected_error(unexpected: list[str], what: str) -> CheckpointError:
     shown = ", ".join(unexpected[:20]) + (f", ... ({len(unexpected) - 20} more)" if len(unexpected) > 20 else "")
     return CheckpointError(f"unexpected tensors in the {what} checkpoint: {shown}")
 
 
-# ------------------------------------------------------------------------------ positions
-def resample_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, g*g, C) patch positions -> (1, grid*grid, C), bicubic + antialias in fp32 (transformers, timm)."""
-    n, C = pos.shape[1], pos.shape[2]
-    old = math.isqrt(n)
-    if old * old != n:
-        raise CheckpointError(f"position embedding of {n} patches is not a square grid")
-    if old == grid:
-        return pos
-    x = pos.float().reshape(1, old, old, C).permute(0, 3, 1, 2)  # (1, C, g, g)
-    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
-    return x.permute(0, 2, 3, 1).reshape(1, grid * grid, C).to(pos.dtype)  # (1, grid*grid, C)
-
-
-def fit_pos_embed(pos: torch.Tensor, arch: ViTConfig, has_class_pos: bool) -> torch.Tensor:
-    """A checkpoint's (1, N, C) positions -> the tower's, resampling the patch grid if needed."""
-    pos = pos.reshape(1, -1, pos.shape[-1])
-    if has_class_pos != (arch.class_token and arch.class_pos_embed):
-        raise CheckpointError("the checkpoint's class-token position does not fit the architecture")
-    if has_class_pos:
-        return torch.cat([pos[:, :1], resample_grid(pos[:, 1:], arch.grid_size)], dim=1)
-    return resample_grid(pos, arch.grid_size)
-
-
 # ------------------------------------------------------------------------------ transformers
 def hf_family(config: Mapping[str, Any], source: str) -> str:
-    model_type = config.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise CheckpointError(
-            f"{source!r} is a {model_type or 'unknown'!r} checkpoint; supported transformers model types: "
-            f"{', '.join(sorted(HF_MODEL_TYPES))} (and the timm, open_clip, OpenVLA and Prismatic formats)"
-        )
-    return HF_MODEL_TYPES[model_type]
+    """The family of a transformers checkpoint, from its `model_type` (never from its name)."""
+    return families.of_model_type(config.get("model_type"), source).name
 
 
-# transformers' LLaVA-family `vision_feature_select_strategy`: which tokens of the selected layer
-STRATEGIES = {"default": "drop the first token", "full": "keep all tokens"}
+STRATEGIES = families.STRATEGIES
 
 
 def strategy_feature(strategy: str, family: str) -> str:
-    """The `select_feature` that a VLM's strategy gives for a tower of this family: "default" drops
-    the first token ('patch'); "full" keeps every token, which is 'cls_patch' for a tower with a CLS
-    and 'patch' for SigLIP (no CLS: all its tokens are patches)."""
-    if strategy not in STRATEGIES:
-        raise CheckpointError(f"vision_feature_select_strategy {strategy!r} is not one of {sorted(STRATEGIES)}")
-    return "patch" if strategy == "default" or family == "siglip" else "cls_patch"
+    """The `select_feature` a VLM's `vision_feature_select_strategy` gives for a tower of this family."""
+    return families.get(family).strategy_feature(strategy)
 
 
 def hf_arch(config: Mapping[str, Any], image_size: int | None = None) -> ViTConfig:
@@ -94,43 +52,36 @@ def hf_arch(config: Mapping[str, Any], image_size: int | None = None) -> ViTConf
     transformers' defaults). `image_size` overrides the config's (DINOv2: 518 -> 224 for OpenVLA)."""
     import transformers as tf
 
-    family = hf_family(config, "config.json")
-    model_type = config["model_type"]
-    full = {"clip": tf.CLIPConfig, "siglip": tf.SiglipConfig}.get(model_type)
-    if full is not None:
-        vc = full.from_dict(dict(config)).vision_config
-    else:
-        name = {"clip_vision_model": "CLIPVisionConfig", "siglip_vision_model": "SiglipVisionConfig",
-                "dinov2": "Dinov2Config", "dinov2_with_registers": "Dinov2WithRegistersConfig"}[model_type]
-        cls = getattr(tf, name, None)  # DINOv2 with registers arrived in transformers 4.48
-        if cls is None:
-            raise CheckpointError(f"a {model_type!r} checkpoint needs transformers with {name} (4.48 or newer); "
-                                  f"this is {tf.__version__}")
-        vc = cls.from_dict(dict(config))
+    model_type = config.get("model_type")
+    fam = families.of_model_type(model_type, "config.json")
+    name = fam.model_types[model_type]
+    cls = getattr(tf, name, None)
+    if cls is None:
+        raise CheckpointError(f"a {model_type!r} checkpoint needs transformers with {name} "
+                              f"({fam.min_transformers.get(name, 'a newer release')} or newer); this is {tf.__version__}")
+    vc = cls.from_dict(dict(config))
+    if model_type in fam.full_types:
+        vc = vc.vision_config
     acts = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
     if vc.hidden_act not in acts:
         raise CheckpointError(f"hidden_act {vc.hidden_act!r} is not supported")
     common = dict(image_size=image_size or vc.image_size, patch_size=vc.patch_size, width=vc.hidden_size,
                   depth=vc.num_hidden_layers, heads=vc.num_attention_heads, act=acts[vc.hidden_act],
                   norm_eps=vc.layer_norm_eps, in_channels=vc.num_channels)
-    if family == "clip":
-        return ViTConfig(**common, mlp_dim=vc.intermediate_size, class_token=True, pre_norm=True, patch_bias=False)
-    if family == "siglip":
-        return ViTConfig(**common, mlp_dim=vc.intermediate_size, class_token=False, pre_norm=False, patch_bias=True)
-    if getattr(vc, "use_swiglu_ffn", False):
-        raise CheckpointError("DINOv2 with a SwiGLU MLP (giant) is not supported")
-    return ViTConfig(**common, mlp_dim=int(vc.hidden_size * vc.mlp_ratio), class_token=True, class_pos_embed=False,
-                     num_registers=getattr(vc, "num_register_tokens", 0), pre_norm=False, patch_bias=True,
-                     layer_scale=True)
+    return fam.arch(vc, common)
 
 
-_HF_PREFIXES = ("vision_model.", "dinov2_with_registers.", "dinov2.")
+def _hf_prefixes() -> list[str]:
+    """Where each family's transformers checkpoints keep the vision tower's names, longest first."""
+    return sorted({p for fam in families.FAMILIES.values() for p in fam.hf_prefixes}, key=len, reverse=True)
+
+
 _HF_ROOTS = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm", "head", "layernorm")
 
 
 def is_hf_vision_key(key: str) -> bool:
     """Vision-tower keys of a transformers CLIP / SigLIP / DINOv2 checkpoint (not the text tower)."""
-    for p in _HF_PREFIXES:
+    for p in _hf_prefixes():
         key = key.removeprefix(p)
     return key.split(".", 1)[0] in _HF_ROOTS and not key.startswith("text_model")
 
@@ -154,8 +105,9 @@ def convert_hf(sd: Mapping[str, torch.Tensor], arch: ViTConfig, family: str) -> 
     """transformers CLIP / SigLIP / DINOv2 vision weights -> ours (q, k, v fused; DINOv2's class
     position folded into its class token, as timm does; the final norm only with `arch.final_norm`)."""
     src: Tensors = {}
+    prefixes = _hf_prefixes()
     for k, v in sd.items():
-        for p in _HF_PREFIXES:
+        for p in prefixes:
             k = k.removeprefix(p)
         src[k] = v
     out: Tensors = {}
@@ -172,31 +124,9 @@ def convert_hf(sd: Mapping[str, torch.Tensor], arch: ViTConfig, family: str) -> 
             return src[name]
         return None
 
-    if family in ("clip", "siglip"):
-        if (w := take("embeddings.patch_embedding.weight")) is not None:
-            out["patch_embed.proj.weight"] = w
-        if (b := take("embeddings.patch_embedding.bias")) is not None:
-            out["patch_embed.proj.bias"] = b
-        if (pos := take("embeddings.position_embedding.weight")) is not None:
-            out["pos_embed"] = fit_pos_embed(pos, arch, has_class_pos=family == "clip")
-        if (cls := take("embeddings.class_embedding")) is not None:
-            out["cls_token"] = cls.reshape(1, 1, -1)
-        for t in ("weight", "bias"):
-            if (x := take(f"pre_layrnorm.{t}")) is not None:
-                out[f"norm_pre.{t}"] = x
-        layer = "encoder.layers.{}."
-    else:  # dinov2
-        for t in ("weight", "bias"):
-            if (x := take(f"embeddings.patch_embeddings.projection.{t}")) is not None:
-                out[f"patch_embed.proj.{t}"] = x
-        pos, cls = take("embeddings.position_embeddings"), take("embeddings.cls_token")
-        if pos is not None:
-            out["pos_embed"] = fit_pos_embed(pos[:, 1:], arch, has_class_pos=False)
-            if cls is not None:
-                out["cls_token"] = cls + pos[:, :1]
-        if (reg := take("embeddings.register_tokens")) is not None:
-            out["reg_token"] = reg
-        layer = "encoder.layer.{}."
+    fam = families.get(family)
+    out.update(fam.hf_embeddings(take, arch))
+    layer = fam.hf_layer
     for i in range(arch.depth):
         p = layer.format(i)
         for ours, candidates in _HF_BLOCK.items():
@@ -223,15 +153,8 @@ _TIMM_UNUSED = ("norm.", "fc_norm.", "head.", "attn_pool.", "mask_token")
 
 
 def timm_family(keys: set[str]) -> str:
-    """Which tower a timm ViT state dict is, from its keys: registers/LayerScale -> DINOv2,
-    no class token -> SigLIP, pre-norm -> CLIP."""
-    if "reg_token" in keys or "blocks.0.ls1.gamma" in keys or "blocks.0.ls1.scale_factor" in keys:
-        return "dinov2"
-    if "cls_token" not in keys:
-        return "siglip"
-    if "norm_pre.weight" in keys:
-        return "clip"
-    raise CheckpointError("cannot tell which tower this timm state dict is (no registers, LayerScale or pre-norm)")
+    """Which tower a timm ViT state dict is, from its keys (each family says what its keys look like)."""
+    return families.of_timm_keys(keys).name
 
 
 def timm_shape(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:

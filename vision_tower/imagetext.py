@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints as ck
+from . import families
 from . import formats as fm
+from .families import clip as clip_family
 from .errors import CheckpointError, ConfigError, WeightsUnavailableError
 from .preprocess import ImageInput
 from .tower import DTypeLike, VisionTower, resolve_dtype
 from .vit import Mlp
 
-Kind = Literal["clip", "siglip"]
+Kind = str  # the name of a family with an image-text model (families.with_image_text())
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 NO_DRY_RUN = ("for tests, save a tiny CLIPModel with its tokenizer and pass that directory (an image-text model has no "
               "random-weight dry run: its tokenizer and text side come with the checkpoint)")
@@ -54,11 +56,13 @@ class ImageHead(nn.Module):
     def __init__(self, kind: Kind, width: int, dim: int, *, heads: int = 1, mlp_dim: int = 0, eps: float = 1e-5,
                  act: str = "gelu_tanh") -> None:
         super().__init__()
-        if kind not in ("clip", "siglip"):
-            raise ConfigError(f"image head kind {kind!r} is not 'clip' or 'siglip'")
-        self.kind, self.dim = kind, dim
+        support = families.FAMILIES[kind].image_text if kind in families.FAMILIES else None
+        if support is None:
+            raise ConfigError(f"image head kind {kind!r} is not one of "
+                              f"{', '.join(repr(f.name) for f in families.with_image_text())}")
+        self.kind, self.dim, self.pool = kind, dim, support.head
         self.norm = nn.LayerNorm(width, eps=eps)
-        if kind == "clip":
+        if self.pool == "class_token":
             self.proj = nn.Linear(width, dim, bias=False)
         else:
             self.probe = nn.Parameter(torch.zeros(1, 1, width))
@@ -67,7 +71,7 @@ class ImageHead(nn.Module):
             self.mlp = Mlp(width, mlp_dim, act)  # type: ignore[arg-type]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.kind == "clip":
+        if self.pool == "class_token":
             return self.proj(self.norm(tokens[:, 0]))  # (B, D): the class token
         x = self.norm(tokens)  # (B, N, C)
         probe = self.probe.expand(x.shape[0], -1, -1)  # (B, 1, C)
@@ -84,8 +88,9 @@ class ImageHead(nn.Module):
 # ----------------------------------------------------------------------------------------- loading
 def _kind_of(ckpt: ck.Checkpoint, keys: set[str]) -> Kind | str:
     model_type = ckpt.config.get("model_type")
-    if model_type in ("clip", "siglip"):
-        return model_type
+    fam = next((f for f in families.with_image_text() if model_type in f.full_types), None)
+    if fam is not None:
+        return fam.name
     if ckpt.open_clip_config is not None or {"visual.conv1.weight", "token_embedding.weight"} <= keys:
         return "open_clip"
     what = f"a {model_type!r} checkpoint" if model_type else "a checkpoint without a text transformer"
@@ -97,16 +102,17 @@ def _kind_of(ckpt: ck.Checkpoint, keys: set[str]) -> Kind | str:
 def _hf_head(ckpt: ck.Checkpoint, kind: Kind, dtype: torch.dtype) -> ImageHead:
     import transformers as tf
 
-    full = {"clip": tf.CLIPConfig, "siglip": tf.SiglipConfig}[kind].from_dict(dict(ckpt.config))
+    fam = families.get(kind)
+    full = getattr(tf, fam.model_types[kind]).from_dict(dict(ckpt.config))
     vc = full.vision_config
-    if kind == "clip":
-        head = ImageHead("clip", vc.hidden_size, full.projection_dim, eps=vc.layer_norm_eps)
+    if fam.image_text.head == "class_token":
+        head = ImageHead(kind, vc.hidden_size, full.projection_dim, eps=vc.layer_norm_eps)
         names = {"vision_model.post_layernorm.": "norm.", "visual_projection.": "proj."}
     else:
         if not getattr(vc, "vision_use_head", True):
-            raise CheckpointError(f"{ckpt.source}: this SigLIP was saved without its attention-pooling head "
+            raise CheckpointError(f"{ckpt.source}: this {fam.display} was saved without its attention-pooling head "
                                   "(vision_use_head false), so it has no image embedding")
-        head = ImageHead("siglip", vc.hidden_size, vc.hidden_size, heads=vc.num_attention_heads,
+        head = ImageHead(kind, vc.hidden_size, vc.hidden_size, heads=vc.num_attention_heads,
                          mlp_dim=vc.intermediate_size, eps=vc.layer_norm_eps, act="gelu_tanh")
         names = {"vision_model.post_layernorm.": "norm.", "vision_model.head.": ""}
     raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(tuple(names)), dtype=dtype)
@@ -122,7 +128,7 @@ def _open_clip_head(ckpt: ck.Checkpoint, width: int, dtype: torch.dtype) -> Imag
     raw = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(("visual.ln_post.", "visual.proj")), dtype=dtype)
     if "visual.proj" not in raw:
         raise CheckpointError(f"{ckpt.source} holds no visual.proj: not an open_clip CLIP with a projection")
-    head = ImageHead("clip", width, raw["visual.proj"].shape[1])
+    head = ImageHead(clip_family.FAMILY.name, width, raw["visual.proj"].shape[1])
     sd = {"norm." + k.removeprefix("visual.ln_post."): v for k, v in raw.items() if k.startswith("visual.ln_post.")}
     sd["proj.weight"] = raw["visual.proj"].t().contiguous()  # used as x @ proj: (width, D) -> Linear's (D, width)
     ck.load_into(head, sd, ckpt.source)
@@ -168,16 +174,14 @@ def _load_text(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> nn
 def _hf_text(ckpt: ck.Checkpoint, kind: Kind, dtype: torch.dtype) -> tuple[nn.Module, int]:
     import transformers as tf
 
-    full = {"clip": tf.CLIPConfig, "siglip": tf.SiglipConfig}[kind].from_dict(dict(ckpt.config))
+    support = families.get(kind).image_text
+    full = getattr(tf, families.get(kind).model_types[kind]).from_dict(dict(ckpt.config))
     tc = full.text_config
+    if hasattr(full, "projection_dim"):  # CLIP's text projection is sized by the full model's config
+        tc.projection_dim = full.projection_dim
     with _no_init():
-        if kind == "clip":
-            tc.projection_dim = full.projection_dim
-            model: nn.Module = tf.CLIPTextModelWithProjection(tc)
-            keep: tuple[str, ...] = ("text_model.", "text_projection.")
-        else:
-            model = tf.SiglipTextModel(tc)
-            keep = ("text_model.",)
+        model: nn.Module = getattr(tf, support.text_model)(tc)
+    keep = support.text_keys
     sd = ck.read_tensors(ckpt.weight_files, lambda k: k.startswith(keep), dtype=dtype)
     return _load_text(model.to(dtype), sd, ckpt.source), tc.max_position_embeddings
 
@@ -267,10 +271,11 @@ class ImageTextModel(nn.Module):
         scalars = ck.read_tensors(ckpt.weight_files, lambda k: k in ("logit_scale", "logit_bias"))
         if "logit_scale" not in scalars:
             raise CheckpointError(f"{source} holds no logit_scale")
+        family = head.kind  # open_clip / OpenAI weights are CLIP's
         model = cls(tower, head, text, _tokenizer(tokenizer, source, revision),
-                    kind="siglip" if kind == "siglip" else "clip", logit_scale=scalars["logit_scale"],
-                    logit_bias=scalars.get("logit_bias") if kind == "siglip" else None, context_length=context,
-                    name=source)
+                    kind=family, logit_scale=scalars["logit_scale"],
+                    logit_bias=scalars.get("logit_bias") if families.get(family).image_text.logit_bias else None,
+                    context_length=context, name=source)
         return model.to(device=device)
 
     def train(self, mode: bool = True) -> "ImageTextModel":  # frozen: stays in eval mode
@@ -307,10 +312,11 @@ class ImageTextModel(nn.Module):
         SigLIP: padded to `max_length` (64) as it was trained, input ids only (as SiglipModel is called)."""
         if isinstance(texts, str):
             texts = [texts]
-        enc = self.tokenizer(list(texts), padding="max_length" if self.kind == "siglip" else True,
+        support = families.get(self.kind).image_text
+        enc = self.tokenizer(list(texts), padding="max_length" if support.pad_to_max_length else True,
                              max_length=self.context_length, truncation=True, return_tensors="pt")
         out = {"input_ids": enc["input_ids"]}
-        if self.kind == "clip" and "attention_mask" in enc:
+        if support.attention_mask and "attention_mask" in enc:
             out["attention_mask"] = enc["attention_mask"]
         return out
 
@@ -325,7 +331,7 @@ class ImageTextModel(nn.Module):
         out = []
         for enc in chunks:
             result = self.text(**{k: v.to(self.device) for k, v in enc.items()})
-            out.append((result.text_embeds if self.kind == "clip" else result.pooler_output).float())
+            out.append(getattr(result, families.get(self.kind).image_text.text_embeds).float())
         emb = torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
         return F.normalize(emb, dim=-1) if normalize else emb
 
@@ -367,7 +373,8 @@ class ImageTextModel(nn.Module):
     def label_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over labels (..., L) -> probabilities: a softmax for CLIP (the labels compete), a sigmoid for
         SigLIP (each label is judged on its own, as it was trained)."""
-        return logits.softmax(dim=-1) if self.kind == "clip" else logits.sigmoid()
+        softmax = families.get(self.kind).image_text.probabilities == "softmax"
+        return logits.softmax(dim=-1) if softmax else logits.sigmoid()
 
     def score(self, images: torch.Tensor | ImageInput | Sequence[ImageInput], captions: Sequence[str]) -> torch.Tensor:
         """(B,) cosine similarity of each image with its own caption (the CLIP score that LAION and

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import families
 from . import formats as fm
 from .errors import CheckpointError, ConfigError
 from .loading import TowerWeights, describe, load_hf_vision
@@ -44,9 +45,11 @@ def _hf_config(arch: ViTConfig, family: str):
     """The transformers vision config LLaVA code reads `.hidden_size` / `.image_size` from."""
     import transformers as tf
 
-    cls = {"clip": tf.CLIPVisionConfig, "siglip": tf.SiglipVisionConfig}.get(family)
-    if cls is None:
-        raise ConfigError(f"LLaVA has no {family} vision tower; the drop-in builds clip and siglip")
+    llava = families.get(family).llava
+    if llava is None:
+        raise ConfigError(f"LLaVA has no {family} vision tower; the drop-in builds "
+                          f"{' and '.join(f.name for f in families.with_llava())}")
+    cls = getattr(tf, llava.vision_config)
     act = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[arch.act]
     return cls(
         hidden_size=arch.width, intermediate_size=arch.mlp_dim, num_hidden_layers=arch.depth,
@@ -61,7 +64,7 @@ def _hf_vision_model(arch: ViTConfig, family: str) -> nn.Module:
     CLIPVisionTransformer / SiglipVisionTransformer, no head): what LLaVA's tower holds."""
     C, eps = arch.width, arch.norm_eps
     vm, emb, enc = nn.Module(), nn.Module(), nn.Module()
-    if family == "clip":
+    if arch.class_token:
         emb.class_embedding = nn.Parameter(torch.empty(C))
     emb.patch_embedding = nn.Conv2d(arch.in_channels, C, arch.patch_size, arch.patch_size, bias=arch.patch_bias)
     emb.position_embedding = nn.Embedding(arch.num_pos_tokens, C)
@@ -274,7 +277,8 @@ class CLIPVisionTower(nn.Module, PatchGeometry):
         if self.s2_scales and self.select_feature != "patch":
             raise ConfigError("s2=True needs mm_vision_select_feature 'patch': LLaVA's S2 stitches square patch grids")
         self.family, self._arch = describe(vision_tower)
-        if self._feature != self.select_feature and self.family != "clip":
+        llava = families.get(self.family).llava
+        if self._feature != self.select_feature and not (llava and llava.layer_slices):
             raise ConfigError(f"mm_vision_select_feature {self.select_feature!r} is LLaVA-NeXT's CLIP tower's; "
                               f"{vision_tower} is a {self.family} tower")
         self._layers = _slice_layers(self.select_feature, self.select_layer, self._arch.depth)
@@ -294,9 +298,9 @@ class CLIPVisionTower(nn.Module, PatchGeometry):
         if _TRANSFORMERS_MAJOR < 5:
             raw.update(_flat_tensors_of_host(self._host_config))
         raw = {k: v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()}
-        siglip = weights.family == "siglip"
-        self.vision_tower = LlavaLayoutTower(weights, raw, select_layer=-1 if siglip else self._layers,
-                                             select_feature=self._feature, drop_last=siglip)
+        drop_last = families.get(weights.family).llava.drop_last  # LLaVA-NeXT's SigLipVisionTower
+        self.vision_tower = LlavaLayoutTower(weights, raw, select_layer=-1 if drop_last else self._layers,
+                                             select_feature=self._feature, drop_last=drop_last)
         if (device := _device(device_map)) is not None:
             self.vision_tower.to(device)
         self.image_processor = self.vision_tower.image_processor
@@ -346,7 +350,7 @@ class CLIPVisionTower(nn.Module, PatchGeometry):
 
     @property
     def num_tokens(self) -> int:
-        return self.num_patches + (self._feature == "cls_patch" and self.family != "siglip")
+        return self.num_patches + (self._feature == "cls_patch" and families.get(self.family).class_token)
 
 
 _SLICES = ("slicefour_", "slice_m25811_f6_")  # LLaVA-NeXT's CLIPVisionTower: several layers concatenated
@@ -397,8 +401,10 @@ def build_vision_tower(vision_tower_cfg: Any, **kwargs: Any) -> CLIPVisionTower:
     if not name:
         raise ConfigError("the config names no vision tower: set `mm_vision_tower` (or `vision_tower`)")
     family, _ = describe(name)  # from the checkpoint's model_type, before any weights are fetched
-    if family not in ("clip", "siglip"):
-        raise ConfigError(f"Unknown vision tower: {name!r} is a {family} model; LLaVA builds clip and siglip towers")
-    if family == "siglip" and getattr(vision_tower_cfg, "s2", False):
-        raise ConfigError("s2=True is LLaVA's CLIP tower (CLIPVisionTowerS2); LLaVA-NeXT's SigLIP tower has no S2")
+    llava = families.get(family).llava
+    if llava is None:
+        raise ConfigError(f"Unknown vision tower: {name!r} is a {family} model; LLaVA builds "
+                          f"{' and '.join(f.name for f in families.with_llava())} towers")
+    if not llava.s2 and getattr(vision_tower_cfg, "s2", False):
+        raise ConfigError(f"s2=True is LLaVA's CLIP tower (CLIPVisionTowerS2); LLaVA's {family} tower has no S2")
     return CLIPVisionTower(name, args=vision_tower_cfg, **kwargs)

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from . import checkpoints as ck
+from . import families
 from . import formats as fm
+from .families import clip as clip_family
 from .anyres import default_pinpoints
 from .errors import CheckpointError, ConfigError
 from .pooling import POOL_MODES
@@ -88,7 +90,7 @@ def load_weights(
     ckpt = ck.locate(name_or_path, revision)
     if format in (None, "hf") and (ckpt.config.get("model_type") in VLM_TYPES or "mm_vision_tower" in ckpt.config):
         return _from_vlm(ckpt, image_size, dtype, final_norm, revision)
-    if format in (None, "hf") and ckpt.config.get("model_type") in fm.HF_MODEL_TYPES:
+    if format in (None, "hf") and families.knows_model_type(ckpt.config.get("model_type")):
         return _from_hf(ckpt, spec if isinstance(spec, TowerSpec) else None, image_size, dtype, final_norm=final_norm)
     keys = ck.list_keys(ckpt.weight_files)
     if format is None and ckpt.config.get("model_type") and not fm.looks_foreign(keys):
@@ -165,11 +167,11 @@ def _from_vlm(ckpt: ck.Checkpoint, image_size: int | None, dtype: torch.dtype, f
             defaults["select_feature"] = fm.strategy_feature(strategy, family)
         except CheckpointError as e:
             raise CheckpointError(f"{ckpt.source}: {e}") from None
-        if family == "siglip" and strategy == "default":  # refused unless the caller chooses the feature
+        if not families.get(family).class_token and strategy == "default":  # refused unless the caller chooses
             defaults["refuse_default_feature"] = (
-                f"{ckpt.source} selects its features with strategy 'default', which drops the first token: a SigLIP "
-                "tower has no CLS, so the model drops a real patch. Load with select_feature='patch' to keep every "
-                "token (what 'full' gives)")
+                f"{ckpt.source} selects its features with strategy 'default', which drops the first token: a "
+                f"{families.get(family).display} tower has no CLS, so the model drops a real patch. Load with "
+                "select_feature='patch' to keep every token (what 'full' gives)")
     if cfg.get("image_grid_pinpoints"):  # LLaVA-NeXT / OneVision: transformers reads sizes as (height, width)
         defaults |= {"grid_pinpoints": cfg["image_grid_pinpoints"], "convention": "transformers"}
         if max_patches := _anyres_max(cfg.get("vision_aspect_ratio", "")):
@@ -209,7 +211,8 @@ def _from_llava_checkpoint(ckpt: ck.Checkpoint, keys: set[str], prefix: str | No
         truncated = depth < arch.depth  # LLaVA-NeXT's SigLIP tower drops its last block
         arch = replace(arch, depth=depth)
         weights = fm.convert_hf(_read_under(ckpt, prefix, dtype), arch, family)
-    if family == "siglip":  # LLaVA-NeXT: the last hidden state of the tower without its last block
+    llava = families.get(family).llava
+    if llava is not None and llava.drop_last:  # LLaVA-NeXT's SigLIP: the last state of the tower without its last block
         defaults: dict[str, Any] = {"select_layer": -1 if truncated else -2, "select_feature": "patch"}
     else:
         defaults = {"select_layer": cfg.get("mm_vision_select_layer", -2),
@@ -264,8 +267,10 @@ def load_hf_vision(name_or_path: str | os.PathLike, *, dtype: torch.dtype, revis
     if isinstance(spec, TowerSpec):
         name_or_path = spec.hub_id
     ckpt = ck.locate(name_or_path, revision)
-    if ckpt.config.get("model_type") not in ("clip", "clip_vision_model", "siglip", "siglip_vision_model"):
-        raise CheckpointError(f"{name_or_path} is not a transformers CLIP or SigLIP checkpoint (model_type "
+    llava_families = families.with_llava()
+    if not any(ckpt.config.get("model_type") in f.model_types for f in llava_families):
+        names = " or ".join(f.display for f in llava_families)
+        raise CheckpointError(f"{name_or_path} is not a transformers {names} checkpoint (model_type "
                               f"{ckpt.config.get('model_type')!r}); LLaVA's vision tower loads only those")
     raw = ck.read_tensors(ckpt.weight_files, fm.is_hf_vision_key, dtype=dtype)
     raw = {k if k.startswith("vision_model.") else "vision_model." + k: v for k, v in raw.items()}
@@ -280,7 +285,7 @@ def _from_foreign(ckpt: ck.Checkpoint, fmt: str, prefix: str, spec: TowerSpec | 
     if not raw:
         raise CheckpointError(f"{ckpt.source} holds no tensors under {prefix!r}")
     clip_like = fmt in ("open_clip", "openai")
-    family = "clip" if clip_like else fm.timm_family(set(raw))
+    family = clip_family.FAMILY.name if clip_like else fm.timm_family(set(raw))  # open_clip / OpenAI: CLIP formats
     shape = fm.open_clip_shape(raw) if clip_like else fm.timm_shape(raw)
     if clip_like and ckpt.open_clip_config is not None and spec is None:  # it states what the weights cannot
         spec = open_clip_spec(ckpt.open_clip_config, ckpt.source)
@@ -320,16 +325,16 @@ def open_clip_spec(config: dict[str, Any], source: str) -> TowerSpec:
                      heads=width // v.get("head_width", 64), mlp_dim=int(width * v.get("mlp_ratio", 4.0)),
                      act="quick_gelu" if model.get("quick_gelu") else "gelu", norm_eps=1e-5, class_token=True,
                      pre_norm=True, patch_bias=False, layer_scale=v.get("ls_init_value") is not None)
-    base = family_preprocess("clip", size)
+    base = clip_family.preprocess(size)
     preprocess = replace(base, mean=tuple(pre.get("mean", base.mean)), std=tuple(pre.get("std", base.std)),
                          interpolation=pre.get("interpolation", base.interpolation),
                          default_mode=_OPEN_CLIP_RESIZE[pre.get("resize_mode", "shortest")])
-    return TowerSpec(name=source, hub_id=source, family="clip", arch=arch, preprocess=preprocess)
+    return TowerSpec(name=source, hub_id=source, family=clip_family.FAMILY.name, arch=arch, preprocess=preprocess)
 
 
 def foreign_act(family: str, fmt: str, quick_gelu: bool | None) -> str:
     """The activation of a timm / open_clip / OpenAI checkpoint, which its file does not record."""
-    if family != "clip":
+    if not families.get(family).quick_gelu:
         if quick_gelu:
             raise ConfigError(f"quick_gelu applies to CLIP weights; this checkpoint is {family}")
         return "gelu"  # timm computes SigLIP and DINOv2 with exact GELU (OpenVLA ran it so)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from . import families
 from .errors import ConfigError
-from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, PreprocessConfig
+from .families import clip, dinov2, siglip
+from .preprocess import PreprocessConfig
 from .vit import PatchGeometry, ViTConfig
 
-FAMILIES: tuple[str, ...] = ("clip", "siglip", "dinov2", "fused")
+FAMILIES: tuple[str, ...] = (*families.FAMILIES, families.FUSED)  # the names; each family's record is in families/
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class FusedSpec(PatchGeometry):
     parts: tuple[FusedPart, ...]
     default_mode: str = "squash"
     description: str = ""
-    family: str = "fused"
+    family: str = families.FUSED
 
     def __post_init__(self) -> None:
         parts = tuple(p if isinstance(p, FusedPart) else _part_from_tuple(*p) for p in self.parts)
@@ -118,37 +120,27 @@ class FusedSpec(PatchGeometry):
         return self.num_patches
 
 
-PART_NAMES = {"dinov2": "dino", "siglip": "siglip", "clip": "clip"}  # a part's default name, by family
-
-
 def _part_from_tuple(tower: str | TowerSpec, hub_id: str, format: str) -> FusedPart:
     spec = FusedPart("", tower).spec
-    return FusedPart(PART_NAMES.get(spec.family, spec.name), tower, hub_id, format)
+    fam = families.FAMILIES.get(spec.family)
+    return FusedPart(fam.part_name if fam else spec.name, tower, hub_id, format)
 
 
 def family_preprocess(family: str, image_size: int, default_mode: str | None = None) -> PreprocessConfig:
     """The preprocessing a family's checkpoints use when they do not ship their own."""
-    if family == "clip":
-        return PreprocessConfig(image_size=image_size, mean=CLIP_MEAN, std=CLIP_STD, default_mode=default_mode or "crop")
-    if family == "siglip":  # resize straight to the square, no crop
-        return PreprocessConfig(image_size=image_size, mean=SIGLIP_MEAN, std=SIGLIP_STD,
-                                default_mode=default_mode or "squash")
-    if family == "dinov2":  # transformers' BitImageProcessor: 256 -> crop 224, i.e. crop_pct 0.875
-        return PreprocessConfig(image_size=image_size, resize_size=round(image_size / 0.875), mean=IMAGENET_MEAN,
-                                std=IMAGENET_STD, default_mode=default_mode or "crop")
-    raise ConfigError(f"no default preprocessing for family {family!r}")
+    return families.get(family).preprocess(image_size, default_mode)
 
 
 def _clip(name: str, hub_id: str, *, size: int, patch: int, width: int, depth: int, heads: int, description: str) -> TowerSpec:
     return TowerSpec(
         name=name,
         hub_id=hub_id,
-        family="clip",
+        family=clip.FAMILY.name,
         arch=ViTConfig(
             image_size=size, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=4 * width,
             act="quick_gelu", norm_eps=1e-5, class_token=True, pre_norm=True, patch_bias=False,
         ),
-        preprocess=family_preprocess("clip", size),
+        preprocess=clip.preprocess(size),
         description=description,
     )
 
@@ -158,12 +150,12 @@ def _siglip(name: str, hub_id: str, *, size: int, patch: int, width: int, depth:
     return TowerSpec(
         name=name,
         hub_id=hub_id,
-        family="siglip",
+        family=siglip.FAMILY.name,
         arch=ViTConfig(
             image_size=size, patch_size=patch, width=width, depth=depth, heads=heads, mlp_dim=mlp, act="gelu_tanh",
             norm_eps=1e-6, class_token=False, pre_norm=False, patch_bias=True,
         ),
-        preprocess=family_preprocess("siglip", size),
+        preprocess=siglip.preprocess(size),
         description=description,
     )
 
@@ -186,11 +178,11 @@ _SPECS: tuple[TowerSpec, ...] = (
     TowerSpec(
         name="dinov2-large-reg4",
         hub_id="facebook/dinov2-with-registers-large",
-        family="dinov2",
+        family=dinov2.FAMILY.name,
         arch=ViTConfig(image_size=224, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096, act="gelu",
                        norm_eps=1e-6, class_token=True, class_pos_embed=False, num_registers=4, pre_norm=False,
                        patch_bias=True, layer_scale=True),
-        preprocess=family_preprocess("dinov2", 224),
+        preprocess=dinov2.preprocess(224),
         description="OpenVLA's DINOv2 at 224 px; CLS + 4 registers + 256 patches",
     ),
 )

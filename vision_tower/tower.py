@@ -23,7 +23,7 @@ from .preprocess import (
     Alpha, ImageInput, ImageProcessor, ImageTransform, Mode, PreprocessConfig, as_frames, load_image, preprocess,
     with_loading,
 )
-from .registry import DEFAULT_TOWER, FusedSpec, TowerSpec
+from .registry import DEFAULT_TOWER, FusedSpec, TowerSpec, with_arch
 from .vit import PatchGeometry, ViTConfig, VisionTransformer, check_attn_implementation
 
 Feature = Literal["cls_patch", "patch", "cls"]
@@ -145,10 +145,20 @@ class VisionTower(nn.Module, PatchGeometry):
         device: str | torch.device | None = None,
         attn_implementation: str | None = None,
         seed: int | None = None,
+        **arch: Any,
     ) -> "VisionTower":
         """The registry tower `name` with random weights, for dry runs, tests and benchmarks. `seed`
-        fixes them without touching the global RNG."""
+        fixes them without touching the global RNG. `arch` overrides architecture fields of a single
+        tower (`width=64, depth=2, heads=4, mlp_dim=128, image_size=28`: a tiny tower of the same
+        family, its preprocessing kept in step)."""
         spec = as_spec(name)
+        if arch:
+            if isinstance(spec, FusedSpec):
+                raise ConfigError("architecture overrides apply to a single tower, not a fused one")
+            try:
+                spec = with_arch(spec, **arch)
+            except TypeError as e:
+                raise ConfigError(f"from_config: {e}; the fields of ViTConfig can be overridden") from None
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)

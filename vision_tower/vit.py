@@ -19,6 +19,7 @@ Both run the blocks only as far as needed (timm's only with `stop_early=True`, a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence, Union
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 Activation = Literal["quick_gelu", "gelu", "gelu_tanh"]
 AttnImpl = Literal["sdpa", "eager", "native"]
@@ -367,3 +368,27 @@ class VisionTransformer(nn.Module):
             states = [s.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for s in states]  # (B, C, h, w)
         out = list(zip(states, prefixes)) if return_prefix_tokens and p else states
         return out if intermediates_only else (last, out)
+
+
+# ------------------------------------------------------------------------------ positions
+def resample_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, g*g, C) patch positions -> (1, grid*grid, C), bicubic + antialias in fp32 (transformers, timm)."""
+    n, C = pos.shape[1], pos.shape[2]
+    old = math.isqrt(n)
+    if old * old != n:
+        raise CheckpointError(f"position embedding of {n} patches is not a square grid")
+    if old == grid:
+        return pos
+    x = pos.float().reshape(1, old, old, C).permute(0, 3, 1, 2)  # (1, C, g, g)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    return x.permute(0, 2, 3, 1).reshape(1, grid * grid, C).to(pos.dtype)  # (1, grid*grid, C)
+
+
+def fit_pos_embed(pos: torch.Tensor, arch: ViTConfig, has_class_pos: bool) -> torch.Tensor:
+    """A checkpoint's (1, N, C) positions -> the tower's, resampling the patch grid if needed."""
+    pos = pos.reshape(1, -1, pos.shape[-1])
+    if has_class_pos != (arch.class_token and arch.class_pos_embed):
+        raise CheckpointError("the checkpoint's class-token position does not fit the architecture")
+    if has_class_pos:
+        return torch.cat([pos[:, :1], resample_grid(pos[:, 1:], arch.grid_size)], dim=1)
+    return resample_grid(pos, arch.grid_size)

@@ -216,7 +216,8 @@ class FeatureCache:
         `exclude`: shards not to trust, and why."""
         self.damaged: dict[int, str] = {}  # shard -> why its manifest cannot be trusted
         self.failures: dict[str, str] = {}
-        keys, captions, geometry = StringArrayBuilder(), [], StringArrayBuilder()
+        keys, geometry = StringArrayBuilder(), StringArrayBuilder()
+        caption_keys, captions = StringArrayBuilder(), StringArrayBuilder()
         ids, firsts, starts, counts, self._files = [], [], array("q"), array("q"), {}
         marked = set(shard_numbers(self.path / "shards", BAD_SUFFIX))
         for shard in shard_numbers(self.path / "shards", ".json"):
@@ -237,14 +238,16 @@ class FeatureCache:
                 counts.extend(manifest["views"])
                 geometry.extend(canonical_json(g) for g in manifest["geometry"])
             self.failures.update(manifest["failures"])
-            captions += (manifest.get("captions") or {}).items()
+            if shard_captions := manifest.get("captions"):
+                caption_keys.extend(shard_captions)
+                captions.extend(shard_captions.values())
         self._keys = keys.finish()
         self._shard_ids = np.asarray(ids, dtype=np.int64)
         self._shard_first = np.asarray(firsts, dtype=np.int64)
         self._row_start = np.frombuffer(starts, dtype=np.int64) if counts else None
         self._nviews = np.frombuffer(counts, dtype=np.int64) if counts else None
         self._geometry = geometry.finish()
-        self.captions = StringMap.build(captions)  # WebDataset sources: the captions beside the images
+        self.captions = StringMap(caption_keys.finish(), captions.finish())  # WebDataset: captions beside images
         self._index = KeyIndex(self._keys)
         if repeats := self._index.repeats():  # a key in two shards: the later shard is not trusted
             self._index_shards(exclude | {self._shard_at(later): f"key {self._keys[later]!r} is also in "

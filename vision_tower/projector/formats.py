@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoints import fetch_file, offline_error, read_json, read_tensors, refuse_empty, weight_files_in
 from ..errors import CheckpointError, ConfigError
+from ..families import clip as clip_family
 from ..formats import hf_family, strategy_feature
 from ..registry import REGISTRY, TowerSpec
 
@@ -228,7 +229,8 @@ def read_hf_llava(src: str | Path | Mapping[str, torch.Tensor], dtype: torch.dty
             provenance = {"select_layer": -1, "select_feature": "patch"}  # SigLIP's last_hidden_state
         else:
             vision = cfg.get("vision_config")
-            family = hf_family(vision, _source(src)) if isinstance(vision, dict) and vision.get("model_type") else "clip"
+            family = hf_family(vision, _source(src)) if isinstance(vision, dict) and vision.get("model_type") \
+                else clip_family.FAMILY.name  # transformers' LlavaConfig default vision_config
             strategy = cfg.get("vision_feature_select_strategy")
             provenance = {"select_layer": cfg.get("vision_feature_layer"),
                           "select_feature": strategy_feature(strategy, family) if strategy else None}
