@@ -238,3 +238,25 @@ def test_the_unfrozen_tower_takes_the_dtype_llavas_own_tower_takes(tmp_path, sto
     alone = build_vision_tower(llava_config(tmp_path / "tower"))  # outside from_pretrained
     from transformers import CLIPVisionModel
     assert alone.dtype == CLIPVisionModel.from_pretrained(tmp_path / "tower").dtype
+
+
+def test_a_frozen_drop_in_converts_its_parameters_once(tmp_path, pixels, monkeypatch):
+    """Serving: the fused weights are made on the first call and kept while the parameters stay the
+    same; an in-place update (or an unfrozen, learning tower) makes them again."""
+    import vision_tower.llava as llava
+
+    hf_tower("clip").save_pretrained(tmp_path / "tower")
+    drop_in = build_vision_tower(llava_config(tmp_path / "tower", unfreeze_mm_vision_tower=False))
+    calls = []
+    convert = llava.fm.convert_hf
+    monkeypatch.setattr(llava.fm, "convert_hf", lambda *a, **k: calls.append(1) or convert(*a, **k))
+    with torch.no_grad():
+        first = drop_in(pixels)
+        torch.testing.assert_close(drop_in(pixels), first, atol=0, rtol=0)
+        assert len(calls) == 1
+        drop_in.vision_tower.vision_model.encoder.layers[0].mlp.fc1.weight.add_(0.5)  # edited in place
+        assert not torch.equal(drop_in(pixels), first) and len(calls) == 2
+    drop_in.requires_grad_(True)
+    drop_in(pixels).sum().backward()
+    drop_in(pixels).sum().backward()
+    assert len(calls) == 4  # learning: made at every call, so gradients reach the parameters

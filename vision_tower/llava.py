@@ -133,6 +133,13 @@ class LlavaLayoutTower(VisionTower):
         self.freeze()
 
     def _bind(self) -> None:
+        """Make the ViT's fused weights from the parameters: once for as long as they stay the same
+        tensors, unchanged (serving), at every call where autograd records (an unfrozen tower learns)."""
+        params = list(self.vision_model.parameters())
+        learning = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        state = None if learning else tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if state is not None and state == getattr(self, "_bound", None):
+            return
         if unloaded := [n for n, p in self.vision_model.named_parameters(prefix="vision_model") if p.is_meta]:
             raise CheckpointError(
                 f"{self.source}: {len(unloaded)} vision-tower parameters were never loaded ({unloaded[0]}, ...): the "
@@ -143,6 +150,7 @@ class LlavaLayoutTower(VisionTower):
         for name, t in tensors.items():
             owner, _, attr = name.rpartition(".")
             setattr(self.vit.get_submodule(owner) if owner else self.vit, attr, t)
+        object.__setattr__(self, "_bound", state)
 
     def forward(self, pixel_values: torch.Tensor, layers: Any = None, feature: str | None = None) -> torch.Tensor:
         self._bind()
