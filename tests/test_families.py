@@ -1,4 +1,4 @@
-"""A family is one unit: a toy family defined in this file alone (a renamed copy of SigLIP whose
+"""The units new work lands on. A family is one unit: a toy family defined in this file alone (a renamed copy of SigLIP whose
 checkpoints keep the tower's tensors under `toy_tower.`) loads through `from_pretrained`, extracts
 into a cache and reads back, with no library file changed."""
 
@@ -72,3 +72,22 @@ def test_from_config_takes_architecture_overrides_for_tiny_towers_of_every_famil
     assert out.shape == (1, tiny.num_tokens, 32)
     with pytest.raises(ValueError, match="fields of ViTConfig"):
         VisionTower.from_config(name, widht=32)
+
+
+def test_both_sources_honour_the_source_protocol(tmp_path):
+    import io
+    import tarfile
+
+    from vision_tower.sources import FolderSource, Source, TarSource, open_source
+
+    (tmp_path / "a.png").write_bytes(b"")
+    with tarfile.open(tmp_path / "s.tar", "w") as t:
+        info = tarfile.TarInfo("x.png")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"abc"))
+    folder, tar = open_source(str(tmp_path)), open_source(str(tmp_path / "s.tar"))
+    assert isinstance(folder, FolderSource) and isinstance(tar, TarSource)
+    for source in (folder, tar):
+        assert isinstance(source, Source) and len(source.keys) == 1
+        bounds, shards = source.shard_plan(4)
+        assert bounds[0] == 0 and bounds[-1] == 1 and shards == [0]

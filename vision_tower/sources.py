@@ -20,13 +20,28 @@ import tarfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 from .data import IMAGE_SUFFIXES, UNLISTED, list_keys, resolve_key
 from .errors import ConfigError, ImageLoadError
 from .strings import KeyIndex, StringArray, StringMap
 
 MAX_MEMBER_BYTES = 1 << 30  # a member larger than this is refused unread (it would be read into memory whole)
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where a run's inputs come from: what `extract` reads through (a new source, e.g. LeRobot
+    episodes, is one class with these members and its case in `open_source`)."""
+
+    keys: Any  # StringArray of every key, in shard order
+    fixed_shards: bool  # True: shard s holds keys [s * size, (s + 1) * size); False: `shard_plan` is recorded
+
+    def open(self, key: str | int) -> Any: ...  # a path or a file object for load_image / decode_frames
+
+    def captions_of(self, lo: int, hi: int) -> dict[str, str]: ...  # captions of keys [lo, hi), where any
+
+    def shard_plan(self, shard_size: int) -> tuple[list[int], list[int]]: ...  # (bounds, shard numbers)
 
 
 def is_tar_spec(images: str) -> bool:
@@ -359,7 +374,7 @@ class FolderSource:
 
 
 def open_source(images: str, list_file: str | None = None, suffixes: Sequence[str] = IMAGE_SUFFIXES,
-                field_name: str = "image") -> Any:
+                field_name: str = "image") -> Source:
     """The source `--images` names: tar shards, or a folder (with an optional `--list`)."""
     if is_tar_spec(images):
         if list_file is not None:
