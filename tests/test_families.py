@@ -1,6 +1,6 @@
-"""The units new work lands on. A family is one unit: a toy family defined in this file alone (a renamed copy of SigLIP whose
-checkpoints keep the tower's tensors under `toy_tower.`) loads through `from_pretrained`, extracts
-into a cache and reads back, with no library file changed."""
+"""The units new work lands on. A family: a toy family defined in this file alone (a renamed copy of
+SigLIP whose checkpoints keep the tower's tensors under `toy_tower.`) loads through `from_pretrained`,
+extracts into a cache and reads back, with no library file changed. A source: both honour `Source`."""
 
 from dataclasses import replace
 
