@@ -239,6 +239,7 @@ def test_9_a_folder_that_cannot_be_listed_is_a_recorded_failure(images, model_di
 
 
 # ------------------------------------------------------------------------------ inputs that stop a run
+@pytest.mark.slow  # the real command line, in subprocesses
 def test_10_a_file_name_that_is_not_utf8_is_a_key_and_reruns_resume(images, model_dir, tmp_path):
     root = tmp_path / "images"
     shutil.copytree(images, root)
@@ -261,6 +262,7 @@ def dds(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # the real command line, in subprocesses
 def test_11_an_image_no_decoder_implements_is_recorded_by_every_command(images, model_dir, tmp_path):
     bad = dds(tmp_path / "x.dds")
     with pytest.raises(ImageLoadError, match="x.dds"):
@@ -356,6 +358,7 @@ def test_15_a_huge_projector_or_tar_range_is_refused_before_allocating():
     assert time.perf_counter() - start < 5
 
 
+@pytest.mark.slow  # the real command line, in subprocesses
 def test_16_a_fifo_is_refused_not_waited_on(images, model_dir, tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
