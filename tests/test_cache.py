@@ -395,3 +395,25 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
         peaks.append(int(proc.stdout.split()[-1]))
     assert len(FeatureCache(tmp_path / "c320")) == 320
     assert peaks[1] - peaks[0] < 60, peaks  # MiB
+
+
+@pytest.mark.slow
+def test_rows_stored_otherwise_than_computed_are_the_cast_features_and_resume(tiny_model_dir, corpus, reference_cache,
+                                                                             tmp_path):
+    """`--storage bf16` of an fp32 run: the codec casts the rows (the cache's storage recorded apart from
+    its compute dtype); a kill -9 resumes to the same bytes; a run stored as computed records no storage."""
+    assert "storage" not in FeatureCache(reference_cache).metadata  # as computed: the metadata is what it was
+    out = tmp_path / "bf16"
+    run(tiny_model_dir, corpus, out, "--storage", "bf16")
+    cache, ref = FeatureCache(out), FeatureCache(reference_cache)
+    assert (cache.metadata["dtype"], cache.metadata["storage"]) == ("float32", "bf16")
+    assert set(cache.keys()) == set(ref.keys())
+    for key in ref.keys():
+        assert cache[key].dtype == torch.bfloat16 and torch.equal(cache[key], ref[key].to(torch.bfloat16))
+    assert not cache.verify()
+    again = tmp_path / "killed"
+    run(tiny_model_dir, corpus, again, "--storage", "bf16", env={"VISION_TOWER_FAULT": "manifest:1"}, check=False)
+    run(tiny_model_dir, corpus, again, "--storage", "bf16")
+    assert_same_cache(out, again)
+    refused = run(tiny_model_dir, corpus, out, "--storage", "fp16", check=False)
+    assert refused.returncode == 2 and "storage" in refused.stderr

@@ -93,7 +93,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = ExtractConfig(images=args.images, out=args.out, list=args.list, model=None if args.random_init else args.model,
                         random_init=args.random_init, seed=args.seed, layer=_layer(args), feature=args.feature,
-                        dtype=args.dtype, preprocess=args.preprocess, alpha=args.alpha, exif=args.exif,
+                        dtype=args.dtype, storage=args.storage, preprocess=args.preprocess, alpha=args.alpha, exif=args.exif,
                         views="anyres" if args.anyres else "video" if args.video else None,
                         grid_pinpoints=_pinpoints(args.grid_pinpoints), anyres_convention=args.anyres_convention,
                         num_frames=args.num_frames, fps=args.fps, frame_sampler=args.frame_sampler,
@@ -249,6 +249,7 @@ def _commands_of_features(sub: argparse._SubParsersAction) -> None:
 def _command_extract(sub: argparse._SubParsersAction) -> None:
     """`extract`: options and defaults (the choices come from the modules that define them)."""
     from .anyres import CONVENTIONS
+    from .cache.codecs import STORAGE
     from .extract import POOLS
     from .preprocess import ALPHAS, MODES
     from .registry import DEFAULT_TOWER
@@ -267,7 +268,9 @@ def _command_extract(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--layer", type=int, nargs="+", default=[-2])
     e.add_argument("--feature", choices=FEATURES, default=None,
                    help="default: cls_patch where the tower has a CLS token (keep the superset), else patch")
-    e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="the tower's compute dtype")
+    e.add_argument("--storage", choices=STORAGE, default=None,
+                   help="how rows are stored (default: as computed); fp32 features stored as bf16 halve the cache")
     e.add_argument("--preprocess", choices=MODES, default=None, help="default: the checkpoint's own")
     e.add_argument("--alpha", choices=ALPHAS, default=None,
                    help="transparency: drop it as .convert('RGB') does (LLaVA, OpenVLA) or composite onto white "

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cache import CacheWriter, RankLock, cache_metadata, check_or_write_metadata, inspect_cache, resume_plan
+from .cache.codecs import codec, codec_of
 from .checkpoints import state_dict_sha256
 from .data import IMAGE_SUFFIXES, list_keys, safe_path  # noqa: F401  (list_keys, safe_path: imported from here before)
 from .distributed import DieWithParent, dist_env, leave_process_group, resolve_device  # noqa: F401  (leave_process_group: likewise)
@@ -56,6 +57,7 @@ class ExtractConfig:
     layer: int | list[int] = -2
     feature: str | None = None  # default: cls_patch where the tower has a CLS token, else patch
     dtype: str = "bf16"
+    storage: str | None = None  # how rows are stored (cache/codecs.py): bf16 / fp16 / fp32; default: as computed
     preprocess: Mode | None = None  # default: the tower's own
     alpha: str | None = None  # "drop" / "white"; default: the tower's own (LLaVA / OpenVLA: drop)
     exif: bool | None = None  # apply EXIF orientation; default: the tower's own (LLaVA / OpenVLA: no)
@@ -244,7 +246,7 @@ def run_metadata(cfg: ExtractConfig, tower: VisionTower, keys: Sequence[str], to
         layer=tower.select_layer, feature=tower.select_feature, pool=cfg.pool,
         attn_implementation=cfg.attn_implementation or "sdpa", dtype=tower.dtype, tokens=tokens, channels=channels,
         shard_size=cfg.shard_size, keys=keys, library_version=__version__, extra=cfg.extra_metadata,
-        views=layout, embed=embed, plan=plan)
+        views=layout, embed=embed, plan=plan, storage=cfg.storage)
 
 
 def _to_host(feats: torch.Tensor, emb: torch.Tensor | None = None
@@ -289,6 +291,8 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
         raise ConfigError(f"--images {cfg.images} gives the key {keys[repeats[0][1]]!r} to two inputs (positions "
                           f"{repeats[0][0]} and {repeats[0][1]}); each key must name one input")
     bounds, groups = source.shard_plan(cfg.shard_size)
+    if cfg.storage is not None:
+        codec(cfg.storage)  # refused before a tower is built
     if tower is None:
         tower = build_tower(model=cfg.model, random_init=cfg.random_init, seed=cfg.seed, select_layer=cfg.layer,
                             select_feature=cfg.feature, dtype=cfg.dtype, device=device,
@@ -323,7 +327,7 @@ def extract(cfg: ExtractConfig, tower: VisionTower | None = None) -> ExtractResu
         pending, done = resume_plan(shard_dir, keys, bounds, groups, rank, world, meta)
         result = ExtractResult(skipped_shards=done)
         writer = CacheWriter(shard_dir, tokens, channels, tower.dtype, max_bytes=cfg.queue_mb << 20, metadata=meta,
-                             embed_dim=embed["dim"] if embed else None)
+                             embed_dim=embed["dim"] if embed else None, storage=codec_of(meta))
         try:
             _run(cfg, encode, source, keys, bounds, prep, pending, writer, result, rank, world)
         except KeyboardInterrupt as e:

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import CacheError
 from ..strings import StringArray
+from .codecs import codec
 
 FORMAT = "vision-tower-feature-cache"
 VERSION = 2  # 2: a per-tar shard plan lives in plan.json (1 had it in the metadata, so in every shard header)
@@ -406,13 +407,17 @@ def cache_metadata(*, model: str | None, random_init: str | None, seed: int | No
                    layer: Any, feature: str, pool: str, attn_implementation: str, dtype: torch.dtype, tokens: int,
                    channels: int, shard_size: int, keys: Any, library_version: str,
                    extra: dict[str, Any] | None = None, views: dict[str, Any] | None = None,
-                   embed: dict[str, Any] | None = None, plan: list[int] | None = None) -> dict[str, Any]:
+                   embed: dict[str, Any] | None = None, plan: list[int] | None = None,
+                   storage: str | None = None) -> dict[str, Any]:
     """Everything that changes the features or the shard layout. Equal metadata = compatible runs.
     `views` ({"views": "anyres" | "video", and their settings}) marks a cache of many views per key;
     `embed` ({"dim", "head"}) one that also holds each row's image embedding; `plan`, the shard bounds
     of a source planned per tar (WebDataset), recorded by its hash (the bounds are in `plan.json`), so
-    the metadata, and every shard header that copies it, stays the same size whatever the dataset's."""
+    the metadata, and every shard header that copies it, stays the same size whatever the dataset's.
+    `storage`, the codec of the rows (`cache/codecs.py`), is recorded where it is not the compute dtype's."""
+    stored = {"storage": storage} if storage and codec(storage).dtype != dtype else {}
     return {**(views or {}), **({"embed": embed} if embed else {}), **({"plan": plan_record(plan)} if plan else {}),
+        **stored,
         "format": FORMAT, "version": VERSION, "library_version": library_version,
         "model": model, "random_init": random_init, "seed": seed, "revision": revision,
         "weights_sha256": weights_sha256, "tower": tower, "family": family, "image_size": image_size,

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import CacheError
 from ..strings import KeyIndex, StringArray, StringArrayBuilder, StringMap
+from .codecs import codec_of
 from .format import (
     FORMAT, PLAN_FILE, ShardHeader, canonical_json, check_header, file_sha256, keys_sha256, manifest_path, map_rows,
     metadata_diff, read_embeddings, read_header, read_manifest, read_plan, read_raw_header, shard_header, shard_index,
@@ -89,7 +90,7 @@ def shard_problem(shard_dir: Path, shard: int, manifest: dict[str, Any], metadat
     size = path.stat().st_size
     if size != manifest["bytes"]:
         return f"its file has {size} bytes, its manifest says {manifest['bytes']}"
-    shape, dtype = (rows_of(manifest), metadata["tokens"], metadata["channels"]), getattr(torch, metadata["dtype"])
+    shape, dtype = (rows_of(manifest), metadata["tokens"], metadata["channels"]), codec_of(metadata).dtype
     try:
         raw = read_raw_header(path)
         if manifest.get("header_sha256") is not None:
@@ -294,7 +295,7 @@ class FeatureCache:
             return rows
         file, n, _ = self._files[shard]
         m = self.metadata
-        rows = self._map(shard, self.path / "shards" / file, (n, m["tokens"], m["channels"], getattr(torch, m["dtype"])))
+        rows = self._map(shard, self.path / "shards" / file, (n, m["tokens"], m["channels"], codec_of(m).dtype))
         self._open[shard] = rows
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)  # its mapping goes when the last tensor using it does

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import CacheError
 from ..faults import fault_point
+from .codecs import FloatRows, codec_for_dtype
 from .format import (
     ShardWriter, embeddings_name, header_reserve, keys_sha256, manifest_path, shard_index, shard_manifest, shard_name,
     views_sha256, write_embeddings, write_json_atomic,
@@ -49,8 +50,10 @@ class CacheWriter:
     """
 
     def __init__(self, shard_dir: Path, tokens: int, channels: int, dtype: torch.dtype, max_bytes: int = 1 << 30,
-                 metadata: dict[str, Any] | None = None, embed_dim: int | None = None) -> None:
-        self.dir, self.shape, self.dtype = Path(shard_dir), (tokens, channels), dtype
+                 metadata: dict[str, Any] | None = None, embed_dim: int | None = None,
+                 storage: FloatRows | None = None) -> None:
+        self.codec = storage or codec_for_dtype(dtype)  # rows come in `dtype` and are stored by the codec
+        self.dir, self.shape, self.dtype = Path(shard_dir), (tokens, channels), self.codec.dtype
         self.metadata, self.embed_dim = metadata, embed_dim
         self.max_bytes, self.queued = max_bytes, 0
         self.budget = threading.Condition()
@@ -152,6 +155,8 @@ class CacheWriter:
                 rows, batch_keys, copied, finite, batch_views, batch_geometry, batch_emb = rest
                 if copied is not None:
                     copied.synchronize()  # the asynchronous device-to-host copy has landed
+                if rows.dtype != self.dtype:  # stored otherwise than computed: finite once encoded (fp16 overflows)
+                    rows, finite = self.codec.encode(rows), None
                 row_ok = torch.isfinite(rows).flatten(1).all(1) if finite is None else finite
                 if batch_emb is not None:  # an embedding of NaN / inf is a bad row too
                     row_ok = row_ok & torch.isfinite(batch_emb).all(1)

@@ -432,6 +432,8 @@ def run_fingerprint(cfg: AlignConfig, cache: FeatureCache | None) -> dict[str, A
         m = cache.metadata
         fp["vision"] = {k: m.get(k) for k in ("tower", "weights_sha256", "layer", "feature", "pool", "dtype",
                                               "preprocess", "keys_sha256")}
+        if "storage" in m:  # rows stored otherwise than computed (absent before: old runs keep their fingerprint)
+            fp["vision"]["storage"] = m["storage"]
     else:
         fp["vision"] = {"model": cfg.model, "random_init": cfg.random_init_tower}
     if Path(cfg.projector).is_dir():  # a starting projector: its weights, not its path
