@@ -41,7 +41,8 @@ FORMAT = "vision-tower-feature-cache"
 VERSION = 2  # 2: a per-tar shard plan lives in plan.json (1 had it in the metadata, so in every shard header)
 PLAN_FILE = "plan.json"
 HEADER_RESERVE = 4096  # bytes kept for the safetensors header, so data can be streamed before n is known
-DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+               **({torch.float8_e4m3fn: "F8_E4M3"} if hasattr(torch, "float8_e4m3fn") else {})}
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
@@ -104,15 +105,16 @@ def file_sha256(path: Path, chunk: int = 16 << 20, start: int = 0) -> str:
 # ------------------------------------------------------------------------------ shards
 def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype, *, shard: int | None = None,
                  keys: list[str] | None = None, cache: dict[str, Any] | None = None, views: str | None = None,
-                 embeddings_sha256: str | None = None, reserve: int = HEADER_RESERVE) -> bytes:
+                 embeddings_sha256: str | None = None, reserve: int = HEADER_RESERVE, scales: bool = False) -> bytes:
     """The first `reserve` bytes of a shard of n rows: the safetensors header length, the JSON header
     and space padding (as the format allows). With `shard` / `keys` / `cache` the shard records its own
     number, its keys in row order and the cache metadata it was written under (`__metadata__`,
     covered by the manifest's `header_sha256`), so a reader can check what a manifest says against the
     shard itself; without them, the header of shards written before those records existed. `views` is
     the `views_sha256` of a cache of many views per key (how many rows each key has, and its geometry);
-    `embeddings_sha256` that of the shard's embeddings file (`extract --embed`)."""
-    header = _header_json(n, tokens, channels, dtype, shard, keys, cache, views, embeddings_sha256)
+    `embeddings_sha256` that of the shard's embeddings file (`extract --embed`); `scales`: a scaled
+    codec's (n, T) float32 scales follow the rows (`cache/codecs.py`)."""
+    header = _header_json(n, tokens, channels, dtype, shard, keys, cache, views, embeddings_sha256, scales)
     room = reserve - 8
     if len(header) > room:
         raise CacheError(f"safetensors header of {len(header)} bytes does not fit the reserved {room}")
@@ -121,7 +123,7 @@ def shard_header(n: int, tokens: int, channels: int, dtype: torch.dtype, *, shar
 
 def _header_json(n: int, tokens: int, channels: int, dtype: torch.dtype, shard: int | None, keys: list[str] | None,
                  cache: dict[str, Any] | None, views: str | None = None,
-                 embeddings_sha256: str | None = None) -> bytes:
+                 embeddings_sha256: str | None = None, scales: bool = False) -> bytes:
     meta = {"format": FORMAT}
     if shard is not None:
         meta["shard"] = str(shard)
@@ -133,17 +135,21 @@ def _header_json(n: int, tokens: int, channels: int, dtype: torch.dtype, shard: 
         meta["views_sha256"] = views
     if embeddings_sha256 is not None:
         meta["embeddings_sha256"] = embeddings_sha256
-    return json.dumps({"features": {"dtype": DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
-                                    "data_offsets": [0, n * tokens * channels * dtype.itemsize]},
-                       "__metadata__": meta}, separators=(",", ":")).encode()
+    end = n * tokens * channels * dtype.itemsize
+    tensors: dict[str, Any] = {"features": {"dtype": DTYPE_NAMES[dtype], "shape": [n, tokens, channels],
+                                            "data_offsets": [0, end]}}
+    if scales:
+        tensors["scales"] = {"dtype": "F32", "shape": [n, tokens], "data_offsets": [end, end + n * tokens * 4]}
+    return json.dumps({**tensors, "__metadata__": meta}, separators=(",", ":")).encode()
 
 
 def header_reserve(planned: list[str], tokens: int, channels: int, dtype: torch.dtype, shard: int,
-                   cache: dict[str, Any] | None) -> int:
+                   cache: dict[str, Any] | None, scales: bool = False) -> int:
     """Bytes to reserve for the header of a shard that will hold at most the `planned` keys: the
     header with all of them, rounded up to whole pages (rows then start page-aligned). The keys that
     succeed are a subset, so their header is never longer."""
-    longest = 8 + len(_header_json(len(planned), tokens, channels, dtype, shard, planned, cache, "0" * 64, "0" * 64))
+    longest = 8 + len(_header_json(len(planned), tokens, channels, dtype, shard, planned, cache, "0" * 64, "0" * 64,
+                                   scales))
     return -(-longest // HEADER_RESERVE) * HEADER_RESERVE
 
 
@@ -159,20 +165,25 @@ class ShardWriter:
     closing never reads the file back."""
 
     def __init__(self, final: Path, tokens: int, channels: int, dtype: torch.dtype,
-                 reserve: int = HEADER_RESERVE) -> None:
+                 reserve: int = HEADER_RESERVE, scales: bool = False) -> None:
         self.final = final
         self.tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         self.shape = (tokens, channels)
         self.dtype = dtype
         self.reserve = reserve
         self.n = 0
+        self.scales: list[torch.Tensor] | None = [] if scales else None  # (b, T) float32, written after the rows
         self._hash = hashlib.sha256()
         self._f = open(self.tmp, "wb")
         self._f.write(b"\0" * reserve)
 
-    def write(self, batch: torch.Tensor) -> None:
+    def write(self, batch: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         if tuple(batch.shape[1:]) != self.shape or batch.dtype != self.dtype:
             raise CacheError(f"batch {tuple(batch.shape)} {batch.dtype} does not fit shard rows {self.shape} {self.dtype}")
+        if (scales is None) != (self.scales is None):
+            raise CacheError("a scaled codec's rows come with their scales, and only its rows do")
+        if scales is not None:
+            self.scales.append(scales.float().contiguous())
         data = memoryview(batch.contiguous().view(torch.uint8).numpy()).cast("B")  # zero-copy bytes of the rows
         self._f.write(data)
         self._hash.update(data)
@@ -181,7 +192,12 @@ class ShardWriter:
     def close(self, **records: Any) -> tuple[str, str, int]:
         """Header (with `records`: shard, keys, cache), fsync, rename into place.
         Returns (sha256 of the rows, sha256 of the header, bytes of the file)."""
-        header = shard_header(self.n, *self.shape, self.dtype, reserve=self.reserve, **records)
+        if self.scales is not None:  # after the rows, hashed with them
+            data = memoryview(torch.cat(self.scales).view(torch.uint8).numpy()).cast("B") if self.scales else b""
+            self._f.write(data)
+            self._hash.update(data)
+        header = shard_header(self.n, *self.shape, self.dtype, reserve=self.reserve, scales=self.scales is not None,
+                              **records)
         self._f.seek(0)
         self._f.write(header)
         self._f.flush()
@@ -189,7 +205,8 @@ class ShardWriter:
         self._f.close()
         os.replace(self.tmp, self.final)
         fsync_dir(self.final.parent)
-        nbytes = self.reserve + self.n * self.shape[0] * self.shape[1] * self.dtype.itemsize
+        nbytes = self.reserve + self.n * self.shape[0] * (self.shape[1] * self.dtype.itemsize
+                                                          + (4 if self.scales is not None else 0))
         return self._hash.hexdigest(), hashlib.sha256(header).hexdigest(), nbytes
 
     def abort(self) -> None:
@@ -206,6 +223,12 @@ class ShardHeader:
     data_start: int  # byte offset of the first row
     records: dict[str, str]  # __metadata__: format, and (newer shards) shard, keys, cache
     raw: bytes  # the header's bytes, length prefix and padding included
+    scales: bool = False  # a scaled codec's (n, T) float32 scales follow the rows
+
+    @property
+    def data_bytes(self) -> int:
+        n, T, C = self.shape
+        return n * T * (C * self.dtype.itemsize + (4 if self.scales else 0))
 
     @property
     def keys(self) -> list[str] | None:
@@ -241,6 +264,7 @@ def read_header(path: Path) -> ShardHeader:
         n, T, C = (int(x) for x in info["shape"])
         dtype = NAME_DTYPES[info["dtype"]]
         start = len(raw) + int(info["data_offsets"][0])
+        scaled = "scales" in header
     except CacheError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -248,7 +272,7 @@ def read_header(path: Path) -> ShardHeader:
                          "to redo it") from e
     if records.get("format") != FORMAT:
         raise CacheError(f"{path} is not a {FORMAT} shard")
-    return ShardHeader(dtype, (n, T, C), start, records, raw)
+    return ShardHeader(dtype, (n, T, C), start, records, raw, scaled)
 
 
 def open_rows(path: Path, expect: tuple[int, int, int, torch.dtype] | None = None,
@@ -282,7 +306,7 @@ def check_header(path: Path, h: ShardHeader, expect: tuple[int, int, int, torch.
                          f"says ({', '.join(diff)}): the metadata was edited, or the shard is another cache's. Restore "
                          f"the metadata from the shards' own records with `vision-tower verify --restore-metadata "
                          f"{Path(path).parent.parent}`")
-    if n and os.path.getsize(path) < h.data_start + n * T * C * h.dtype.itemsize:
+    if n and os.path.getsize(path) < h.data_start + h.data_bytes:
         raise CacheError(f"{path} is truncated ({os.path.getsize(path)} bytes); re-run the extraction to redo it")
 
 
@@ -290,16 +314,26 @@ def map_rows(path: Path, h: ShardHeader) -> torch.Tensor:
     """The rows of a checked shard, mapped copy-on-write and read lazily (opening a shard for one row
     must not read all of it). `torch.from_file` closes its descriptor once mapped; the mapping lives as
     long as a tensor uses it."""
+    return map_shard(path, h)[0]
+
+
+def map_shard(path: Path, h: ShardHeader) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows (n, T, C), and a scaled codec's scales (n, T), else None), mapped as `map_rows` says."""
     n, T, C = h.shape
     if n == 0:
-        return torch.empty(0, T, C, dtype=h.dtype)
-    end = h.data_start + n * T * C * h.dtype.itemsize
+        return torch.empty(0, T, C, dtype=h.dtype), torch.empty(0, T) if h.scales else None
+    end = h.data_start + h.data_bytes
     if hasattr(torch, "from_file"):
         raw = torch.from_file(str(path), shared=False, size=end, dtype=torch.uint8)  # (end,) bytes
     else:  # torch without from_file: Python's mmap (it keeps a duplicate descriptor while mapped)
         with open(path, "rb") as f:
             raw = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8, count=end)
-    return raw[h.data_start:].view(h.dtype).view(n, T, C)  # data_start is page-aligned: any dtype's alignment
+    split = h.data_start + n * T * C * h.dtype.itemsize
+    rows = raw[h.data_start:split].view(h.dtype).view(n, T, C)  # data_start is page-aligned: any dtype's alignment
+    if not h.scales:
+        return rows, None
+    scales = raw[split:end] if split % 4 == 0 else raw[split:end].clone()  # float32 wants 4-byte alignment
+    return rows, scales.view(torch.float32).view(n, T)
 
 
 # ------------------------------------------------------------------------------ embeddings

@@ -20,9 +20,9 @@ from torch.utils.data import Dataset
 
 from ..errors import CacheError
 from ..strings import KeyIndex, StringArray, StringArrayBuilder, StringMap
-from .codecs import codec_of
+from .codecs import Decoded, codec_of
 from .format import (
-    FORMAT, PLAN_FILE, ShardHeader, canonical_json, check_header, file_sha256, keys_sha256, manifest_path, map_rows,
+    FORMAT, PLAN_FILE, ShardHeader, canonical_json, check_header, file_sha256, keys_sha256, manifest_path, map_shard,
     metadata_diff, read_embeddings, read_header, read_manifest, read_plan, read_raw_header, shard_header, shard_index,
     shard_name, views_sha256, write_bytes_atomic, write_json_atomic,
 )
@@ -114,6 +114,10 @@ def shard_problem(shard_dir: Path, shard: int, manifest: dict[str, Any], metadat
                 return "checksum mismatch"
         elif file_sha256(path, start=h.data_start) != manifest["data_sha256"]:
             return "checksum mismatch"
+        if h.scales and not bool(((scales := map_shard(path, h)[1]) > 0).all() and torch.isfinite(scales).all()):
+            return "its rows' scales are not all finite and positive"
+    if h.scales != codec_of(metadata).scaled:
+        return "its rows are not stored by the cache's codec"
     if "embed" in metadata and (problem := _embeddings_problem(shard_dir, manifest, h.records, metadata)):
         return problem
     return None
@@ -296,7 +300,7 @@ class FeatureCache:
         file, n, _ = self._files[shard]
         m = self.metadata
         rows = self._map(shard, self.path / "shards" / file, (n, m["tokens"], m["channels"], codec_of(m).dtype))
-        self._open[shard] = rows
+        self._open[shard] = rows  # a tensor of the stored rows, or (scaled codecs) a `Decoded` of codes and scales
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)  # its mapping goes when the last tensor using it does
         return rows
@@ -315,7 +319,12 @@ class FeatureCache:
                          self.metadata)
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns, replace(h, records={}, raw=b""))
             self._checked[("rows", shard)] = stamp
-        return map_rows(path, stamp[3])
+        rows, scales = map_shard(path, stamp[3])
+        codec = codec_of(self.metadata)
+        if codec.scaled != (scales is not None):
+            raise CacheError(f"{path} {'lacks' if codec.scaled else 'holds'} the scales its cache's storage "
+                             f"({codec.name}) {'needs' if codec.scaled else 'has no use for'}: re-run the extraction")
+        return Decoded(rows, scales, codec, getattr(torch, self.metadata["dtype"])) if codec.scaled else rows
 
     # ------------------------------------------------------------------ embeddings (extract --embed)
     @property

@@ -155,7 +155,7 @@ class CacheWriter:
                 rows, batch_keys, copied, finite, batch_views, batch_geometry, batch_emb = rest
                 if copied is not None:
                     copied.synchronize()  # the asynchronous device-to-host copy has landed
-                if rows.dtype != self.dtype:  # stored otherwise than computed: finite once encoded (fp16 overflows)
+                if rows.dtype != self.dtype and not self.codec.scaled:  # a cast: finite once cast (fp16 overflows)
                     rows, finite = self.codec.encode(rows), None
                 row_ok = torch.isfinite(rows).flatten(1).all(1) if finite is None else finite
                 if batch_emb is not None:  # an embedding of NaN / inf is a bad row too
@@ -179,11 +179,15 @@ class CacheWriter:
                         batch_views = [v for v, good in zip(batch_views, ok) if good]
                         batch_geometry = [g for g, good in zip(batch_geometry, ok) if good]
                 if len(rows):
+                    scaled = self.codec.scaled
                     if writer is None:
-                        reserve = header_reserve(planned, *self.shape, self.dtype, shard, self.metadata)
+                        reserve = header_reserve(planned, *self.shape, self.dtype, shard, self.metadata, scaled)
                         writer = ShardWriter(self.dir / f"{shard_name(shard)}.safetensors", *self.shape, self.dtype,
-                                             reserve)
-                    writer.write(rows)
+                                             reserve, scales=scaled)
+                    if scaled:
+                        writer.write(*self.codec.encode(rows))  # codes and their scales
+                    else:
+                        writer.write(rows)
                     keys += batch_keys
                     if batch_emb is not None:
                         embeddings.append(batch_emb.float())
