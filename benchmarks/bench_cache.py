@@ -22,25 +22,30 @@ import torch
 from benchmarks.common import save, table
 
 
-def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int = 256) -> list[str]:
+def write_cache(root: Path, n: int, tokens: int, channels: int, shard_size: int = 256,
+                rows: torch.Tensor | None = None, storage: str = "bf16") -> list[str]:
+    """A verified cache of n bf16 rows (`rows`, or row i filled with i), stored by codec `storage`."""
     from vision_tower.cache import FORMAT, VERSION, FeatureCache, write_json_atomic
     from vision_tower.cache import CacheWriter  # the extraction's own shard writing and manifests
+    from vision_tower.cache.codecs import codec
 
     (root / "shards").mkdir(parents=True)
     keys = [f"{i // 1000:05d}/{i:09d}.jpg" for i in range(n)]
-    writer = CacheWriter(root / "shards", tokens, channels, torch.bfloat16)
+    writer = CacheWriter(root / "shards", tokens, channels, torch.bfloat16, storage=codec(storage))
     for s in range(0, n, shard_size):
         writer.start(s // shard_size, keys[s : s + shard_size])
         for lo in range(s, min(s + shard_size, n), 64):
             hi = min(lo + 64, s + shard_size, n)
-            writer.rows(s // shard_size, torch.arange(lo, hi, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, tokens, channels),
-                        keys[lo:hi])
+            batch = rows[lo:hi] if rows is not None else \
+                torch.arange(lo, hi, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, tokens, channels)
+            writer.rows(s // shard_size, batch, keys[lo:hi])
         writer.finish(s // shard_size, {})
     writer.close()
     write_json_atomic(root / "metadata.json", {"format": FORMAT, "version": VERSION, "feature": "cls_patch",
                                                "tokens": tokens, "channels": channels, "dtype": "bfloat16",
                                                "tower": "synthetic", "layer": -2, "num_keys": n,
-                                               "shard_size": shard_size})
+                                               "shard_size": shard_size,
+                                               **({"storage": storage} if storage != "bf16" else {})})
     assert not FeatureCache(root).verify()
     return keys
 

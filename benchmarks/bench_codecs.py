@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_cache import write_cache
 from benchmarks.common import interleaved, save, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,30 +59,6 @@ def size_per_image(tokens: int, channels: int, codec) -> float:
     keys = [f"{i // 10000:05d}/{i:09d}.jpg" for i in range(256)]
     reserve = header_reserve(keys, tokens, channels, codec.dtype, 0, {"a": "metadata"}, codec.scaled)
     return tokens * (channels * codec.dtype.itemsize + 4 * codec.scaled) + reserve / 256
-
-
-def write_cache(root: Path, rows: torch.Tensor, storage: str) -> list[str]:
-    from vision_tower.cache import FeatureCache, write_json_atomic
-    from vision_tower.cache.codecs import codec
-    from vision_tower.cache.format import FORMAT, VERSION
-    from vision_tower.cache.writer import CacheWriter
-
-    n, T, C = rows.shape
-    (root / "shards").mkdir(parents=True)
-    keys = [f"{i // 1000:05d}/{i:09d}.jpg" for i in range(n)]
-    meta = {"format": FORMAT, "version": VERSION, "feature": "cls_patch", "tokens": T, "channels": C,
-            "dtype": "bfloat16", "tower": "synthetic", "layer": -2, "num_keys": n, "shard_size": 256,
-            **({"storage": storage} if storage != "bf16" else {})}
-    writer = CacheWriter(root / "shards", T, C, torch.bfloat16, storage=codec(storage))
-    for s in range(0, n, 256):
-        writer.start(s // 256, keys[s:s + 256])
-        for lo in range(s, min(s + 256, n), 64):
-            writer.rows(s // 256, rows[lo:lo + 64], keys[lo:lo + 64])
-        writer.finish(s // 256, {})
-    writer.close()
-    write_json_atomic(root / "metadata.json", meta)
-    assert not FeatureCache(root).verify()
-    return keys
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -120,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         caches, keys = {}, None
         names = [n for n in names if n != "fp16"]  # stored as bf16 is, read the same way
         for name in names:
-            keys = write_cache(Path(tmp) / name, synthetic, name)
+            keys = write_cache(Path(tmp) / name, args.samples, 577, 1024, rows=synthetic, storage=name)
             caches[name] = FeatureCache(Path(tmp) / name)
         batches = [rng.sample(keys, 256) for _ in range(args.batches)]
         buffers = {name: torch.empty(256, 577, 1024, dtype=torch.bfloat16) for name in names}
