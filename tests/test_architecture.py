@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A module may import modules of its own layer or below, never above (see docs/architecture.md).
 LAYERS = [
     ["errors", "version", "distributed", "faults", "strings"],
-    ["preprocess", "pooling", "data", "anyres", "video", "sources"],
+    ["preprocess", "pooling", "data", "anyres", "video", "sources", "charts"],
     ["vit"],
     ["families"],
     ["registry"],
@@ -21,7 +21,7 @@ LAYERS = [
     ["loading"],
     ["tower"],
     ["llava", "cache", "imagetext"],
-    ["extract", "score"],
+    ["extract", "score", "show"],
     ["projector"],
     ["training"],
     ["cli", "__main__"],

@@ -116,6 +116,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     report = inspect_cache(args.cache)
     print(report)
+    if args.plot is not None:
+        from .extract import check_out_dir
+        from .show import plot_token_norms
+
+        check_out_dir(args.plot.parent, "--plot")
+        print(f"token norms: {plot_token_norms(args.cache, args.plot)}")
     return 1 if "\n  damaged " in report else 0  # like verify: the cache is not whole
 
 
@@ -163,6 +169,19 @@ def cmd_align(args: argparse.Namespace) -> int:
     if is_main_process():
         print(result.summary())
     leave_process_group(0)  # after success only: a failed rank must not wait on the others
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .extract import check_out_dir
+    from .show import show
+
+    check_out_dir(args.out)
+    try:
+        written = show(args.cache, args.keys, args.out, args.images)
+    except KeyError as e:
+        raise ConfigError(f"{e.args[0]}; `vision-tower inspect {args.cache}` lists what it holds") from None
+    print(f"wrote {len(written)} pictures into {args.out}")
     return 0
 
 
@@ -380,10 +399,18 @@ def _commands_of_scores(sub: argparse._SubParsersAction) -> None:
 
 
 def _commands_of_caches(sub: argparse._SubParsersAction) -> None:
-    """`inspect` and `verify`: options and defaults."""
+    """`inspect`, `verify` and `show`: options and defaults."""
     i = sub.add_parser("inspect", help="print a cache's metadata, counts and failures")
     i.add_argument("cache")
+    i.add_argument("--plot", type=Path, metavar="PNG",
+                   help="also draw the distribution of token norms per cached layer (512 keys at random)")
     i.set_defaults(func=cmd_inspect)
+    w = sub.add_parser("show", help="a PNG per key: its image beside the PCA of its patch tokens")
+    w.add_argument("cache")
+    w.add_argument("keys", nargs="+", metavar="KEY")
+    w.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    w.add_argument("--images", help="the image root the keys are relative to (without it: the PCA alone)")
+    w.set_defaults(func=cmd_show)
     v = sub.add_parser("verify", help="check every shard of a cache (present, consistent, re-hashed); exit 1 if not")
     v.add_argument("cache")
     v.add_argument("--restore-metadata", action="store_true",

@@ -29,6 +29,7 @@ from .cache.format import write_json_atomic
 from .checkpoints import state_dict_sha256
 from .data import LlavaRecord, read_llava_json, resolve_key
 from .distributed import DieWithParent, dist_env, resolve_device
+from .charts import histogram, save_png
 from .errors import ConfigError, ImageLoadError
 from .faults import fault_point
 from .imagetext import ImageTextModel
@@ -270,30 +271,5 @@ def write_kept(records: list[LlavaRecord], lines: list[dict[str, Any]], threshol
 
 
 def write_histogram(scores: list[float], path: Path, threshold: float | None = None, bins: int = 50) -> None:
-    """A histogram of the scores as a PNG (drawn with PIL: no plotting library needed)."""
-    from PIL import Image, ImageDraw
-
-    lo, hi = min(scores), max(scores)
-    hi = hi if hi > lo else lo + 1e-6
-    counts = [0] * bins
-    for s in scores:
-        counts[min(int((s - lo) / (hi - lo) * bins), bins - 1)] += 1
-    W, H, m = 640, 320, 40
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    top = max(counts)
-    bw = (W - 2 * m) / bins
-    for b, c in enumerate(counts):
-        h = (H - 2 * m) * c / top
-        d.rectangle([m + b * bw, H - m - h, m + (b + 1) * bw - 1, H - m], fill=(70, 110, 180))
-    d.line([m, H - m, W - m, H - m], fill="black")
-    if threshold is not None and lo <= threshold <= hi:
-        x = m + (threshold - lo) / (hi - lo) * (W - 2 * m)
-        d.line([x, m, x, H - m], fill=(200, 40, 40), width=2)
-        d.text((x + 4, m), f"keep > {threshold:g}", fill=(200, 40, 40))
-    d.text((m, H - m + 6), f"{lo:.3f}", fill="black")
-    d.text((W - m - 40, H - m + 6), f"{hi:.3f}", fill="black")
-    d.text((m, 10), f"image-caption scores: {len(scores)} pairs, max bin {top}", fill="black")
-    tmp = path.with_name(path.name + ".tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """A histogram of the scores as a PNG."""
+    save_png(histogram(scores, f"image-caption scores: {len(scores)} pairs", threshold=threshold, bins=bins), path)

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..cache import FeatureCache, file_sha256
+from ..charts import lines, save_png
 from ..data import iter_llava_json, resolve_key, safe_path
 from ..distributed import DieWithParent, dist_env
 from ..errors import CacheError, ConfigError, ImageLoadError, UserError
@@ -691,27 +692,6 @@ def _save_outputs(run: _Run) -> None:
 
 # ------------------------------------------------------------------------------------------- loss curve
 def plot_loss(log_path: Path, png: Path, size: tuple[int, int] = (640, 360)) -> None:
-    """A plain loss-vs-step line chart, drawn with PIL (already a dependency) rather than matplotlib."""
-    from PIL import Image, ImageDraw
-
+    """The loss against the step, from log.jsonl."""
     entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
-    W, H = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, W - 20, 20, H - 40
-    d.rectangle([left, top, right, bottom], outline="black")
-    if entries:
-        xs = [e["step"] for e in entries]
-        ys = [e["loss"] for e in entries]
-        lo, hi = min(ys), max(ys)
-        hi = hi if hi > lo else lo + 1
-        x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-        pts = [(left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
-               for x, y in zip(xs, ys, strict=True)]
-        d.line(pts, fill=(31, 119, 180), width=2) if len(pts) > 1 else d.point(pts, fill=(31, 119, 180))
-        d.text((5, top), f"{hi:.3f}", fill="black")
-        d.text((5, bottom - 10), f"{lo:.3f}", fill="black")
-        d.text((left, bottom + 8), f"step {x0}", fill="black")
-        d.text((right - 70, bottom + 8), f"step {x1}", fill="black")
-    d.text((W // 2 - 30, H - 18), "training loss", fill="black")
-    img.save(png)
+    save_png(lines({"loss": [(e["step"], e["loss"]) for e in entries]}, "training loss", size), png)
