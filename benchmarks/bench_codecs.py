@@ -180,9 +180,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         it = {name: iter(batches * 10) for name in names}
         times = interleaved({name: lambda n=name: caches[n].get_many(next(it[n]), out=buffers[n]) for name in names},
                             args.batches)
+        scaled = [n for n in names if CODECS[n].scaled]
+        it2 = {name: iter(batches * 10) for name in scaled}
+        codes = interleaved({"bf16": lambda: caches["bf16"].get_many(next(it["bf16"]), out=buffers["bf16"]),
+                             **{n: lambda n=n: caches[n].get_codes(next(it2[n])) for n in scaled}}, args.batches)
         for name in names:
             rows.append({"row": f"random batch of 256 reads, {name}", "samples_per_s": 256 / times[name],
                          "of_bf16": times["bf16"] / times[name]})
+        for name in scaled:  # undecoded, to decode on the GPU: what a training loop moves
+            rows.append({"row": f"random batch of 256 codes + scales (get_codes), {name}",
+                         "samples_per_s": 256 / codes[name], "of_bf16": codes["bf16"] / codes[name]})
         rows += align_rows(Path(tmp) / "align", names)
     print(table(rows, ["row", "max_rel", "mean_rel", "ordinary_rel", "min_cos", "mean_cos", "bytes", "of_bf16",
                        "samples_per_s", "loss", "vs_fp32"]))

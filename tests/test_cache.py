@@ -441,6 +441,8 @@ def test_a_scaled_codec_round_trips_through_kill_9_and_resume_and_verify_checks_
     keys = list(ref.keys())[:4]
     buffer = torch.empty(len(keys), *ref[keys[0]].shape)
     assert cache.get_many(keys, out=buffer) is buffer and torch.equal(buffer, torch.stack([cache[k] for k in keys]))
+    codes, scales = cache.get_codes(keys)  # undecoded (to decode on a GPU): the same features once decoded
+    assert codes.dtype == cache.codec.dtype and torch.equal(cache.codec.decode(codes, scales, torch.float32), buffer)
     assert not cache.verify()
     again = tmp_path / "killed"
     run(tiny_model_dir, corpus, again, "--storage", storage, env={"VISION_TOWER_FAULT": "manifest:1"}, check=False)

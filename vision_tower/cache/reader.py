@@ -389,6 +389,26 @@ class FeatureCache:
             raise CacheError(f"{self.path} holds one view per key: it records no geometry")
         return json.loads(self._geometry[i])
 
+    def get_codes(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C) codes and (B, T) float32 scales of an int8 / fp8 cache, undecoded: half the bytes of
+        bf16 rows to gather and to move to a GPU, decoded there with `cache.codec.decode(codes, scales,
+        dtype)` (one multiply per element, where a GPU has the bandwidth the CPU lacks)."""
+        if not self.codec.scaled:
+            raise ValueError(f"{self.path} stores {self.codec.name} rows: read them with get_many")
+        if self.views is not None:
+            raise ValueError("get_codes needs one view per key; this cache holds many")
+        if not keys:
+            raise ValueError("get_codes got no keys")
+        located = [self._locate(k) for k in keys]
+        parts = [self._shard_rows(shard) for shard, _, _ in located]  # `Decoded`: codes and scales, mapped
+        return (torch.stack([p.rows[row, self._slice] for p, (_, row, _) in zip(parts, located)]),
+                torch.stack([p.scales[row, self._slice] for p, (_, row, _) in zip(parts, located)]))
+
+    @property
+    def codec(self):
+        """How this cache stores its rows (`cache/codecs.py`)."""
+        return codec_of(self.metadata)
+
     def get_many(self, keys: Sequence[str], out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C): each row copied once, straight from the page cache into the batch.
 
