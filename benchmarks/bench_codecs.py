@@ -89,7 +89,7 @@ def align_world(d: Path, n: int = 256) -> None:
     import numpy as np
     from PIL import Image
 
-    from benchmarks.bench_scale import _models
+    from benchmarks.bench_scale import make_models
 
     (d / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -101,7 +101,7 @@ def align_world(d: Path, n: int = 256) -> None:
         records.append({"id": str(i), "image": f"{i:04d}.png", "conversations": [
             {"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": f"a {colour} square"}]})
     (d / "data.json").write_text(json.dumps(records))
-    _models(d)
+    make_models(d)
 
 
 def align_rows(work: Path, names: list[str]) -> list[dict]:

@@ -90,7 +90,7 @@ def make_inputs(work: Path, n: int) -> dict[str, Path]:
                     info = tarfile.TarInfo(name)
                     info.size = len(blob)
                     tar.addfile(info, io.BytesIO(blob))
-    _models(d)
+    make_models(d)
     (d / "done").write_text("")
     return _inputs(d)
 
@@ -101,7 +101,7 @@ def _inputs(d: Path) -> dict[str, Path]:
             "tar": Path(f"{d / 'tars'}/{{00000..{len(tars) - 1:05d}}}.tar")}
 
 
-def _models(d: Path) -> None:
+def make_models(d: Path) -> None:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
