@@ -208,11 +208,12 @@ class StringMap(Mapping[str, str]):
 
     @classmethod
     def build(cls, pairs: Iterable[tuple[str, str]]) -> "StringMap":
-        keys, values = [], []
+        """From (key, value) pairs in one pass, straight into the compact arrays (no list of them)."""
+        keys, values = StringArrayBuilder(), StringArrayBuilder()
         for k, v in pairs:
             keys.append(k)
             values.append(v)
-        return cls(StringArray.build(keys), StringArray.build(values))
+        return cls(keys.finish(), values.finish())
 
     def __getitem__(self, key: str) -> str:
         i = self.index.find(key) if isinstance(key, str) else None
