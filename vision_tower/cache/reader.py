@@ -193,6 +193,7 @@ class FeatureCache:
         self._slice = _feature_slice(self.metadata["feature"], feature)
         self.feature = feature or self.metadata["feature"]
         self.views: str | None = self.metadata.get("views")  # "anyres" / "video": many views (rows) per key
+        self.codec = codec_of(self.metadata)  # how the rows are stored (`cache/codecs.py`)
         self.max_open_shards = max_open_shards
         self._index_shards({})
         self._open: OrderedDict[int, torch.Tensor] = OrderedDict()  # shard -> its mapped rows, most recent last
@@ -299,7 +300,7 @@ class FeatureCache:
             return rows
         file, n, _ = self._files[shard]
         m = self.metadata
-        rows = self._map(shard, self.path / "shards" / file, (n, m["tokens"], m["channels"], codec_of(m).dtype))
+        rows = self._map(shard, self.path / "shards" / file, (n, m["tokens"], m["channels"], self.codec.dtype))
         self._open[shard] = rows  # a tensor of the stored rows, or (scaled codecs) a `Decoded` of codes and scales
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)  # its mapping goes when the last tensor using it does
@@ -320,7 +321,7 @@ class FeatureCache:
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns, replace(h, records={}, raw=b""))
             self._checked[("rows", shard)] = stamp
         rows, scales = map_shard(path, stamp[3])
-        codec = codec_of(self.metadata)
+        codec = self.codec
         if codec.scaled != (scales is not None):
             raise CacheError(f"{path} {'lacks' if codec.scaled else 'holds'} the scales its cache's storage "
                              f"({codec.name}) {'needs' if codec.scaled else 'has no use for'}: re-run the extraction")
@@ -403,11 +404,6 @@ class FeatureCache:
         parts = [self._shard_rows(shard) for shard, _, _ in located]  # `Decoded`: codes and scales, mapped
         return (torch.stack([p.rows[row, self._slice] for p, (_, row, _) in zip(parts, located)]),
                 torch.stack([p.scales[row, self._slice] for p, (_, row, _) in zip(parts, located)]))
-
-    @property
-    def codec(self):
-        """How this cache stores its rows (`cache/codecs.py`)."""
-        return codec_of(self.metadata)
 
     def get_many(self, keys: Sequence[str], out: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, C): each row copied once, straight from the page cache into the batch.
