@@ -112,17 +112,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .cache import inspect_cache
+    from .cache import FeatureCache, inspect_cache
 
-    report = inspect_cache(args.cache)
-    print(report)
+    cache = FeatureCache(args.cache)
+    print(inspect_cache(args.cache, cache))
     if args.plot is not None:
         from .extract import check_out_dir
         from .show import plot_token_norms
 
         check_out_dir(args.plot.parent, "--plot")
-        print(f"token norms: {plot_token_norms(args.cache, args.plot)}")
-    return 1 if "\n  damaged " in report else 0  # like verify: the cache is not whole
+        print(f"token norms: {plot_token_norms(cache, args.plot)}")
+    return 1 if cache.damaged else 0  # like verify: the cache is not whole
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

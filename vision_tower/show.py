@@ -73,10 +73,10 @@ def token_norms(cache: FeatureCache, samples: int = 512, seed: int = 0) -> dict[
     return norms
 
 
-def plot_token_norms(cache_path: str | Path, png: str | Path, samples: int = 512) -> Path:
-    cache = FeatureCache(cache_path)
+def plot_token_norms(cache: FeatureCache, png: str | Path, samples: int = 512) -> Path:
+    """The token norms of `samples` random keys, one histogram panel per cached layer, as a PNG."""
     if not len(cache):
-        raise ConfigError(f"{cache_path} holds no features to plot")
+        raise ConfigError(f"{cache.path} holds no features to plot")
     norms = token_norms(cache, samples)
     panels = [histogram(v, f"token norms, {name} ({len(v)} tokens; log scale)", log=True) for name, v in norms.items()]
     save_png(stack(panels), Path(png))

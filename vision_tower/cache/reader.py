@@ -574,9 +574,10 @@ class CacheDataset(Dataset):
         return key, self.cache[key].clone()  # own the memory before it crosses a worker boundary
 
 
-def inspect_cache(path: str | os.PathLike) -> str:
-    """A cache's metadata, counts and first failures, as `vision-tower inspect` prints them."""
-    cache = FeatureCache(path)
+def inspect_cache(path: str | os.PathLike, cache: FeatureCache | None = None) -> str:
+    """A cache's metadata, counts and first failures, as `vision-tower inspect` prints them (`cache`: the
+    one at `path`, already open)."""
+    cache = cache if cache is not None else FeatureCache(path)
     m = cache.metadata
     lines = [f"{path}: {len(cache)} features, {len(cache.failures)} failed, {len(cache.manifests)} shards "
              f"(of {cache.expected_shards})" + (f", {len(cache.captions)} captions" if cache.captions else "")]
